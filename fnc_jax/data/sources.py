@@ -253,15 +253,23 @@ def _folder_files(
     return [paths[i] for i in order], np.asarray(labels, np.int32)[order]
 
 
-def _prepare_command(data_config: ml_collections.ConfigDict) -> str:
-    data_dir = f" --data_dir={data_config.data_dir}" if data_config.data_dir else ""
-    command = f"tfds build {data_config.name}{data_dir}"
-    if data_config.name.split("/")[0] in ("imagenet2012", "imagenet2012_subset"):
-        command += (
-            " --manual_dir=<MANUAL_DIR>, after downloading ILSVRC2012_img_train.tar and "
-            "ILSVRC2012_img_val.tar from https://image-net.org/download-images into <MANUAL_DIR>"
+def _prepare_instructions(data_config: ml_collections.ConfigDict) -> str:
+    """The `tfds build` command (and its Python equivalent) that prepares `data_config.name`."""
+    name, data_dir = data_config.name, data_config.data_dir
+    command = f"tfds build {name}" + (f" --data_dir={data_dir}" if data_dir else "")
+    manual_dir, python_manual_dir, download = "", "", ""
+    if name.split("/")[0] in ("imagenet2012", "imagenet2012_subset"):
+        manual_dir, python_manual_dir = " --manual_dir=MANUAL_DIR", "manual_dir='MANUAL_DIR'"
+        download = (
+            "first download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
+            "https://image-net.org/download-images into MANUAL_DIR, then "
         )
-    return command
+    return (
+        f"{download}run: {command}{manual_dir} . The tfds CLI of TFDS 4.9 also needs "
+        f"`pip install apache-beam`; the Python equivalent does not: tfds.builder({name!r}, "
+        f"data_dir={data_dir!r}).download_and_prepare(download_config="
+        f"tfds.download.DownloadConfig({python_manual_dir}))"
+    )
 
 
 def _prepared_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -276,9 +284,8 @@ def _prepared_builder(data_config: ml_collections.ConfigDict) -> tfds.core.Datas
     if not builder.is_prepared():
         raise FileNotFoundError(
             f"TFDS dataset data.name={data_config.name!r} is not prepared in "
-            f"data.data_dir={data_config.data_dir!r}. Prepare it once with: "
-            f"{_prepare_command(data_config)}. (Equivalent Python: tfds.builder(name, data_dir=...)"
-            ".download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=...)).)"
+            f"data.data_dir={data_config.data_dir!r}. To prepare it once, "
+            f"{_prepare_instructions(data_config)}"
         )
     return builder
 
