@@ -53,7 +53,7 @@ def _true_paths(mask) -> set[tuple[str, ...]]:
 
 
 def test_lars_mask_selects_encoder_and_projection_kernels():
-    model = ContrastiveModel(depth=18, cifar_stem=True, se_ratio=0.25, num_classes=10)
+    model = ContrastiveModel(depth=18, width_multiplier=0.25, cifar_stem=True, se_ratio=0.25, num_classes=10)
     params = jax.eval_shape(
         functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros((2, 8, 8, 3))
     )["params"]
@@ -81,7 +81,7 @@ def test_lars_mask_selects_encoder_and_projection_kernels():
 
 
 def test_lars_mask_leaves_out_the_supervised_head():
-    model = ClassifierModel(depth=18, cifar_stem=True, num_classes=10, ft_proj_selector=1)
+    model = ClassifierModel(depth=18, width_multiplier=0.25, cifar_stem=True, num_classes=10, ft_proj_selector=1)
     params = jax.eval_shape(
         functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros((2, 8, 8, 3))
     )["params"]

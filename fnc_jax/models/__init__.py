@@ -27,13 +27,13 @@ class _EncoderWithProjection(nn.Module):
     """Shared configuration so pretraining and evaluation build identically named submodules."""
 
     depth: int = 50
-    width_multiplier: int = 1
+    width_multiplier: float = 1
     cifar_stem: bool = False
     sk_ratio: float = 0.0
     se_ratio: float = 0.0
     proj_layers: int = 3
     proj_out_dim: int = 128
-    proj_hidden_dim: int | None = None  # None: the encoder width
+    proj_hidden_dim: int | None = None  # None or 0: the encoder width
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     bn_axis_name: str | None = None

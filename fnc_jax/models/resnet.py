@@ -35,10 +35,14 @@ def _layout(depth: int) -> tuple[bool, tuple[int, ...]]:
     return _LAYOUTS[depth]
 
 
-def resnet_feature_dim(depth: int, width_multiplier: int = 1) -> int:
+def _width(channels: int, width_multiplier: float) -> int:
+    return max(1, int(channels * width_multiplier))
+
+
+def resnet_feature_dim(depth: int, width_multiplier: float = 1) -> int:
     """Width of the pooled encoder output: 2048w for bottleneck nets, 512w for basic ones."""
     bottleneck, _ = _layout(depth)
-    return 512 * width_multiplier * (4 if bottleneck else 1)
+    return _width(512, width_multiplier) * (4 if bottleneck else 1)
 
 
 def fixed_padding(kernel_size: int, strides: int) -> str | tuple[tuple[int, int], ...]:
@@ -189,11 +193,11 @@ class ResNet(nn.Module):
     `sk_ratio > 0` switches to ResNet-D (deep stem, average-pooled shortcuts) and, for bottleneck
     nets, SK 3×3 units. `bn_axis_name` is only for callers running under `shard_map`/`pmap`; under
     `jit` on global arrays BatchNorm statistics are already global. `dtype` is the compute dtype;
-    parameters stay float32.
+    parameters stay float32. Fractional `width_multiplier`s (e.g. 0.25) give small test networks.
     """
 
     depth: int
-    width_multiplier: int = 1
+    width_multiplier: float = 1
     cifar_stem: bool = False
     sk_ratio: float = 0.0
     se_ratio: float = 0.0
@@ -219,22 +223,22 @@ class ResNet(nn.Module):
 
         x = x.astype(self.dtype)
         if self.cifar_stem:
-            x = nn.relu(norm(name="stem_bn")(conv(64 * w, (3, 3), name="stem_conv")(x)))
+            x = nn.relu(norm(name="stem_bn")(conv(_width(64, w), (3, 3), name="stem_conv")(x)))
         else:
             if avg_down:
-                stem = ((32 * w, 2), (32 * w, 1), (64 * w, 1))
+                stem = ((_width(32, w), 2), (_width(32, w), 1), (_width(64, w), 1))
                 for i, (features, strides) in enumerate(stem):
                     x = conv(features, (3, 3), strides, padding=fixed_padding(3, strides), name=f"stem_conv{i}")(x)
                     x = nn.relu(norm(name=f"stem_bn{i}")(x))
             else:
-                x = conv(64 * w, (7, 7), 2, padding=fixed_padding(7, 2), name="stem_conv")(x)
+                x = conv(_width(64, w), (7, 7), 2, padding=fixed_padding(7, 2), name="stem_conv")(x)
                 x = nn.relu(norm(name="stem_bn")(x))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
 
         for g, num_blocks in enumerate(layout):
             for b in range(num_blocks):
                 kwargs: dict[str, Any] = dict(
-                    filters=64 * w * 2**g,
+                    filters=_width(64 * 2**g, w),
                     strides=(1 if g == 0 else 2) if b == 0 else 1,
                     use_projection=b == 0,
                     conv=conv,

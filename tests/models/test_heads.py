@@ -11,7 +11,8 @@ from flax import traverse_util
 from fnc_jax.models import ClassifierModel, ContrastiveModel, LinearClassifier, ProjectionHead
 
 IMAGES = jnp.zeros((2, 8, 8, 3))
-SMALL = dict(depth=18, cifar_stem=True)
+SMALL = dict(depth=18, width_multiplier=0.25, cifar_stem=True)
+WIDTH = 128  # resnet_feature_dim(18, 0.25)
 
 
 def _shapes(model, x, **kwargs):
@@ -88,8 +89,8 @@ def test_contrastive_model_names_and_outputs(num_classes):
     heads = {"probe"} if num_classes else set()
     assert set(variables["params"]) == {"encoder", "projection_head"} | heads
     assert set(variables["batch_stats"]) == {"encoder", "projection_head"}
-    assert variables["params"]["projection_head"]["dense_0"]["kernel"].shape == (512, 512)  # encoder width
-    expected = {"features": (2, 512), "projection": (2, 128)} | ({"probe_logits": (2, 10)} if num_classes else {})
+    assert variables["params"]["projection_head"]["dense_0"]["kernel"].shape == (WIDTH, WIDTH)  # encoder width
+    expected = {"features": (2, WIDTH), "projection": (2, 128)} | ({"probe_logits": (2, 10)} if num_classes else {})
     assert {k: v.shape for k, v in outputs.items()} == expected
     assert all(v.dtype == jnp.float32 for v in outputs.values())
 
@@ -97,7 +98,7 @@ def test_contrastive_model_names_and_outputs(num_classes):
 def test_contrastive_model_projection_hidden_dim():
     model = ContrastiveModel(**SMALL, proj_hidden_dim=64, proj_layers=2, proj_out_dim=16)
     params = _shapes(model, IMAGES, train=False)["params"]["projection_head"]
-    assert params["dense_0"]["kernel"].shape == (512, 64)
+    assert params["dense_0"]["kernel"].shape == (WIDTH, 64)
     assert params["dense_1"]["kernel"].shape == (64, 16)
 
 
@@ -119,7 +120,7 @@ def test_probe_gradient_does_not_reach_encoder():
     assert all(bool(jnp.all(g == 0)) for g in jax.tree.leaves(grads))
 
 
-@pytest.mark.parametrize("selector, head_in", [(0, 512), (1, 512), (2, 512), (-1, 128)])
+@pytest.mark.parametrize("selector, head_in", [(0, WIDTH), (1, WIDTH), (2, WIDTH), (-1, 128)])
 def test_classifier_model_parameters(selector, head_in):
     model = ClassifierModel(**SMALL, num_classes=10, ft_proj_selector=selector)
     params = _shapes(model, IMAGES, train=False)["params"]
@@ -150,7 +151,7 @@ def test_classifier_selector_feeds_the_chosen_hidden_layer():
     model = ClassifierModel(**SMALL, num_classes=10, ft_proj_selector=1)
     pretrained = _numpy_fill(_pretrained_shapes())
     rng = np.random.default_rng(2)
-    head = {"kernel": jnp.asarray(rng.normal(size=(512, 10)), jnp.float32), "bias": jnp.ones((10,))}
+    head = {"kernel": jnp.asarray(rng.normal(size=(WIDTH, 10)), jnp.float32), "bias": jnp.ones((10,))}
     params = {k: v for k, v in pretrained["params"].items() if k != "probe"} | {"head": {"dense": head}}
     variables = {"params": params, "batch_stats": pretrained["batch_stats"]}
     images = jnp.asarray(rng.uniform(size=IMAGES.shape), jnp.float32)

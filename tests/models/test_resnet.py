@@ -64,6 +64,13 @@ def test_feature_dims():
     assert resnet_feature_dim(50, 2) == 4096
     assert resnet_feature_dim(18, 1) == 512
     assert resnet_feature_dim(34, 3) == 1536
+    assert resnet_feature_dim(50, 0.25) == 512
+    # Fractional widths give the small networks used in tests and the default config.
+    model = ResNet(18, width_multiplier=0.25, cifar_stem=True)
+    out, _ = jax.eval_shape(
+        functools.partial(model.init_with_output, train=False), jax.random.key(0), jnp.zeros((2, 8, 8, 3))
+    )
+    assert out.shape == (2, resnet_feature_dim(18, 0.25)) == (2, 128)
     with pytest.raises(ValueError, match="depth"):
         resnet_feature_dim(20, 1)
 
@@ -157,7 +164,7 @@ def test_resnet_d_shortcut_pooling(strides):
 
 
 def test_batch_stats_update_in_train_mode_only():
-    model = ResNet(18, cifar_stem=True)
+    model = ResNet(18, width_multiplier=0.25, cifar_stem=True)
     x = jnp.asarray(np.random.default_rng(1).uniform(size=(4, 8, 8, 3)), jnp.float32)
     variables = _init_cheaply(model, x, train=False)
     params, stats = variables["params"], variables["batch_stats"]
