@@ -110,4 +110,5 @@ class ClassifierModel(_EncoderWithProjection, kw_only=True):
         if self.ft_proj_selector != 0:
             _, hiddens = self._projection_head()(x, train=train)
             x = hiddens[self.ft_proj_selector]
-        return LinearClassifier(self.num_classes, zero_init=self.zero_init_head, dtype=self.dtype, name="head")(x)
+        head = LinearClassifier(self.num_classes, self.zero_init_head, self.dtype, name="head")
+        return head(x)

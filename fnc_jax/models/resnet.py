@@ -87,7 +87,8 @@ class SelectiveKernel(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = self.conv(2 * self.filters, (3, 3), self.strides, padding=fixed_padding(3, self.strides), name="conv")(x)
+        padding = fixed_padding(3, self.strides)
+        x = self.conv(2 * self.filters, (3, 3), self.strides, padding=padding, name="conv")(x)
         x = nn.relu(self.norm(name="bn")(x))
         streams = jnp.stack(jnp.split(x, 2, axis=-1))  # (2, B, H, W, f)
         context = jnp.mean(jnp.sum(streams, axis=0), axis=(1, 2), keepdims=True)
@@ -127,7 +128,7 @@ class ProjectionShortcut(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """3×3 (stride) → BN-ReLU → 3×3 → BN(γ=0) → [SE] → + shortcut → ReLU. Output width `filters`."""
+    """3×3 (stride) → BN-ReLU → 3×3 → BN(γ=0) → [SE] → + shortcut → ReLU; output width `filters`."""
 
     filters: int
     strides: int
@@ -145,7 +146,8 @@ class BasicBlock(nn.Module):
             shortcut = ProjectionShortcut(
                 self.filters, self.strides, self.avg_down, self.conv, self.norm, name="shortcut"
             )(x)
-        y = self.conv(self.filters, (3, 3), self.strides, padding=fixed_padding(3, self.strides), name="conv1")(x)
+        padding = fixed_padding(3, self.strides)
+        y = self.conv(self.filters, (3, 3), self.strides, padding=padding, name="conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
         y = self.conv(self.filters, (3, 3), name="conv2")(y)
         y = self.norm(scale_init=nn.initializers.zeros, name="bn2")(y)
@@ -155,7 +157,10 @@ class BasicBlock(nn.Module):
 
 
 class BottleneckBlock(nn.Module):
-    """1×1 → BN-ReLU → 3×3 (stride; or SK) → BN-ReLU → 1×1 (4f) → BN(γ=0) → [SE] → + shortcut → ReLU."""
+    """1×1 → BN-ReLU → 3×3 (stride; or SK) → BN-ReLU → 1×1 (4f) → BN(γ=0) → [SE] → + shortcut → ReLU.
+
+    Output width 4 × `filters`.
+    """
 
     filters: int
     strides: int
@@ -178,7 +183,8 @@ class BottleneckBlock(nn.Module):
         if self.sk_ratio > 0:
             y = SelectiveKernel(self.filters, self.strides, self.sk_ratio, self.conv, self.norm, name="sk")(y)
         else:
-            y = self.conv(self.filters, (3, 3), self.strides, padding=fixed_padding(3, self.strides), name="conv2")(y)
+            padding = fixed_padding(3, self.strides)
+            y = self.conv(self.filters, (3, 3), self.strides, padding=padding, name="conv2")(y)
             y = nn.relu(self.norm(name="bn2")(y))
         y = self.conv(4 * self.filters, (1, 1), name="conv3")(y)
         y = self.norm(scale_init=nn.initializers.zeros, name="bn3")(y)
@@ -228,7 +234,8 @@ class ResNet(nn.Module):
             if avg_down:
                 stem = ((_width(32, w), 2), (_width(32, w), 1), (_width(64, w), 1))
                 for i, (features, strides) in enumerate(stem):
-                    x = conv(features, (3, 3), strides, padding=fixed_padding(3, strides), name=f"stem_conv{i}")(x)
+                    padding = fixed_padding(3, strides)
+                    x = conv(features, (3, 3), strides, padding=padding, name=f"stem_conv{i}")(x)
                     x = nn.relu(norm(name=f"stem_bn{i}")(x))
             else:
                 x = conv(_width(64, w), (7, 7), 2, padding=fixed_padding(7, 2), name="stem_conv")(x)

@@ -55,7 +55,8 @@ def test_projection_head_layers_and_hiddens():
     assert params["dense_0"]["kernel"].shape == (32, 256) and params["dense_2"]["kernel"].shape == (256, 8)
     assert abs(float(jnp.std(params["dense_1"]["kernel"])) - 0.01) < 0.0005
 
-    (out, hiddens), _ = jax.jit(lambda v, x: head.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
+    apply = jax.jit(lambda v, x: head.apply(v, x, train=True, mutable=["batch_stats"]))
+    (out, hiddens), _ = apply(variables, x)
     assert len(hiddens) == 4
     np.testing.assert_array_equal(hiddens[0], x)
     np.testing.assert_array_equal(hiddens[-1], out)
@@ -89,8 +90,11 @@ def test_contrastive_model_names_and_outputs(num_classes):
     heads = {"probe"} if num_classes else set()
     assert set(variables["params"]) == {"encoder", "projection_head"} | heads
     assert set(variables["batch_stats"]) == {"encoder", "projection_head"}
-    assert variables["params"]["projection_head"]["dense_0"]["kernel"].shape == (WIDTH, WIDTH)  # encoder width
-    expected = {"features": (2, WIDTH), "projection": (2, 128)} | ({"probe_logits": (2, 10)} if num_classes else {})
+    # The hidden width defaults to the encoder width.
+    assert variables["params"]["projection_head"]["dense_0"]["kernel"].shape == (WIDTH, WIDTH)
+    expected = {"features": (2, WIDTH), "projection": (2, 128)}
+    if num_classes:
+        expected["probe_logits"] = (2, 10)
     assert {k: v.shape for k, v in outputs.items()} == expected
     assert all(v.dtype == jnp.float32 for v in outputs.values())
 
@@ -107,9 +111,8 @@ def test_probe_gradient_does_not_reach_encoder():
     variables = _numpy_fill(_pretrained_shapes())
 
     def probe_loss(params):
-        outputs, _ = model.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]}, IMAGES, train=True, mutable=["batch_stats"]
-        )
+        state = {"params": params, "batch_stats": variables["batch_stats"]}
+        outputs, _ = model.apply(state, IMAGES, train=True, mutable=["batch_stats"])
         return jnp.sum(outputs["probe_logits"])
 
     # Only the encoder and projection-head gradients are returned; they are symbolically zero, so

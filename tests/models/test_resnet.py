@@ -35,7 +35,9 @@ def _init_cheaply(module, *args, **kwargs):
         lambda k: {p: v for p, v in traverse_util.flatten_dict(init(k, *args)).items() if p[-1] != "kernel"}
     )(key)
     rng = np.random.default_rng(0)
-    kernels = {p: jnp.asarray(rng.normal(0.0, 0.2, s.shape), s.dtype) for p, s in shapes.items() if p[-1] == "kernel"}
+    kernels = {
+        p: jnp.asarray(rng.normal(0.0, 0.2, s.shape), s.dtype) for p, s in shapes.items() if p[-1] == "kernel"
+    }
     return traverse_util.unflatten_dict({**rest, **kernels})
 
 
@@ -99,12 +101,10 @@ def test_fixed_padding_is_symmetric_for_strided_convs():
 
 
 def test_bfloat16_compute_keeps_float32_params():
-    variables = _shapes(ResNet(18, cifar_stem=True, dtype=jnp.bfloat16), 8)
+    model = ResNet(18, cifar_stem=True, dtype=jnp.bfloat16)
+    variables = _shapes(model, 8)
     assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
-    out = jax.eval_shape(
-        lambda v: ResNet(18, cifar_stem=True, dtype=jnp.bfloat16).apply(v, jnp.zeros((2, 8, 8, 3)), train=False),
-        variables,
-    )
+    out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 8, 8, 3)), train=False), variables)
     assert out.dtype == jnp.float32
 
 
@@ -124,7 +124,8 @@ def test_fresh_identity_block_passes_its_input(block_cls, width):
 def test_sk_se_bottleneck_with_resnet_d_shortcut_runs():
     conv, norm = _block_parts(train=True)
     block = BottleneckBlock(
-        filters=8, strides=2, use_projection=True, conv=conv, norm=norm, avg_down=True, sk_ratio=0.0625, se_ratio=0.25
+        filters=8, strides=2, use_projection=True, conv=conv, norm=norm, avg_down=True,
+        sk_ratio=0.0625, se_ratio=0.25,
     )
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, 5, 16)), jnp.float32)
     variables = _init_cheaply(block, x)
@@ -137,7 +138,9 @@ def test_sk_se_bottleneck_with_resnet_d_shortcut_runs():
     assert params["shortcut"]["conv"]["kernel"].shape == (1, 1, 16, 32)
 
 
-@pytest.mark.parametrize("depth, sk_ratio, se_ratio", [(18, 0.0625, 0.0), (34, 0.0625, 0.25), (50, 0.0625, 0.25)])
+@pytest.mark.parametrize(
+    "depth, sk_ratio, se_ratio", [(18, 0.0625, 0.0), (34, 0.0625, 0.25), (50, 0.0625, 0.25)]
+)
 def test_sk_and_se_networks_trace_on_odd_sizes(depth, sk_ratio, se_ratio):
     """ResNet-D pools the shortcut input, so strided basic blocks line up (official bug #9)."""
     model = ResNet(depth, sk_ratio=sk_ratio, se_ratio=se_ratio)
@@ -170,10 +173,12 @@ def test_batch_stats_update_in_train_mode_only():
     params, stats = variables["params"], variables["batch_stats"]
 
     def new_stats(stats, train):
-        _, state = model.apply({"params": params, "batch_stats": stats}, x, train=train, mutable=["batch_stats"])
+        variables = {"params": params, "batch_stats": stats}
+        _, state = model.apply(variables, x, train=train, mutable=["batch_stats"])
         return state["batch_stats"]
 
-    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), jax.jit(new_stats, static_argnums=1)(stats, True), stats)
+    trained = jax.jit(new_stats, static_argnums=1)(stats, True)
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), trained, stats)
     assert all(jax.tree.leaves(moved))
     # Inference mode returns the moving statistics untouched: the traced outputs are the inputs.
     eval_jaxpr = jax.make_jaxpr(new_stats, static_argnums=1)(stats, False).jaxpr
