@@ -7,6 +7,7 @@ seeds rebuilds exactly the same views. The semantics are those of the official F
 of dynamic height and width; images are (H, W, 3).
 """
 
+import functools
 from collections.abc import Callable, Sequence
 
 import tensorflow as tf
@@ -109,7 +110,9 @@ def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 
 
 @_plain_tf
-def random_apply(fn: Callable[[tf.Tensor], tf.Tensor], image: tf.Tensor, seed: tf.Tensor, p: float) -> tf.Tensor:
+def random_apply(
+    fn: Callable[[tf.Tensor], tf.Tensor], image: tf.Tensor, seed: tf.Tensor, p: float
+) -> tf.Tensor:
     """`fn(image)` with probability `p`, else `image`; `seed` draws only the coin."""
     return tf.cond(_uniform(seed, 0.0, 1.0) < p, lambda: fn(image), lambda: image)
 
@@ -248,7 +251,9 @@ def _cutout(image: tf.Tensor, seed: tf.Tensor, half_size: int) -> tf.Tensor:
 
 
 @_plain_tf
-def rand_augment_op(image: tf.Tensor, index: int | tf.Tensor, seed: tf.Tensor, *, magnitude: int = 7) -> tf.Tensor:
+def rand_augment_op(
+    image: tf.Tensor, index: int | tf.Tensor, seed: tf.Tensor, *, magnitude: int = 7
+) -> tf.Tensor:
     """Applies op `RAND_AUGMENT_OPS[index]` at `magnitude` (of 10) to a uint8 image; `seed` draws the
     sign of signed arguments (positive with p = 0.5) and the cutout centre.
 
@@ -291,7 +296,8 @@ def rand_augment_op(image: tf.Tensor, index: int | tf.Tensor, seed: tf.Tensor, *
         "Cutout": lambda: _cutout(image, cutout_seed, int(level * 40)),
         "SolarizeAdd": solarize_add,
     }
-    result = tf.switch_case(tf.convert_to_tensor(index, tf.int32), [branches[name] for name in RAND_AUGMENT_OPS])
+    index = tf.convert_to_tensor(index, tf.int32)
+    result = tf.switch_case(index, [branches[name] for name in RAND_AUGMENT_OPS])
     return tf.ensure_shape(result, image.shape)
 
 
@@ -342,7 +348,8 @@ def pretrain_view(
     view = random_resized_crop(image, crop_seed, size=image_size, area_range=area_range)
     view = random_flip(view, flip_seed)
     if not color_on_device:
-        view = random_apply(lambda x: color_jitter(x, jitter_seed, strength=color_strength), view, jitter_coin, 0.8)
+        jitter = functools.partial(color_jitter, seed=jitter_seed, strength=color_strength)
+        view = random_apply(jitter, view, jitter_coin, 0.8)
         if use_randaugment:
             view = rand_augment(tf.clip_by_value(view, 0.0, 1.0), randaug_seed)
         view = random_apply(to_grayscale, view, gray_coin, 0.2)
@@ -368,7 +375,8 @@ def eval_preprocess(image: tf.Tensor, *, image_size: int) -> tf.Tensor:
     height, width = tf.shape(image)[0], tf.shape(image)[1]
     if image_size <= 32:
         same_size = (height == image_size) & (width == image_size)
-        image = tf.cond(same_size, lambda: image, lambda: resize_bicubic_legacy(image, image_size, image_size))
+        resized = functools.partial(resize_bicubic_legacy, image, image_size, image_size)
+        image = tf.cond(same_size, lambda: image, resized)
     else:
         side = tf.cast(tf.math.rint(0.875 * tf.cast(tf.minimum(height, width), tf.float32)), tf.int32)
         top, left = (height - side + 1) // 2, (width - side + 1) // 2

@@ -50,7 +50,9 @@ def test_legacy_bicubic_keeps_uint8_scale_and_returns_float32():
 def test_crop_box_respects_sampler_bounds(area_range):
     height, width, n = 100, 80, 300
     boxes = _over_seeds(
-        lambda s: tf.concat(augment.sample_crop_box(tf.constant([height, width, 3]), s, area_range=area_range), 0),
+        lambda s: tf.concat(
+            augment.sample_crop_box(tf.constant([height, width, 3]), s, area_range=area_range), 0
+        ),
         n,
     )
     y, x, h, w = boxes[:, 0], boxes[:, 1], boxes[:, 3], boxes[:, 4]
@@ -111,7 +113,8 @@ def test_color_jitter_brightness_is_multiplicative_in_its_range():
 
 def test_color_jitter_zero_strength_is_identity_and_output_is_clipped():
     image = tf.constant(COLOUR_IMAGE / 255.0, tf.float32)
-    np.testing.assert_allclose(augment.color_jitter(image, _seed(0), strength=0.0).numpy(), image.numpy(), atol=1e-5)
+    identity = augment.color_jitter(image, _seed(0), strength=0.0)
+    np.testing.assert_allclose(identity.numpy(), image.numpy(), atol=1e-5)
     out = _over_seeds(lambda s: augment.color_jitter(image, s), 50)
     assert out.min() >= 0.0 and out.max() <= 1.0
     assert len({o.tobytes() for o in out}) == 50
@@ -170,8 +173,8 @@ def test_rand_augment_matches_pil_where_the_module_claims_equivalence():
 
 @pytest.mark.parametrize("axis", [1, 0])
 def test_rand_augment_translate_shifts_70_px_and_fills_grey(axis):
-    ramp = np.broadcast_to(np.arange(100, dtype=np.uint8).reshape((1, 100) if axis else (100, 1))[..., None], (100, 100, 3))
-    ramp = np.ascontiguousarray(ramp)
+    line = np.arange(100, dtype=np.uint8).reshape((1, 100) if axis else (100, 1))
+    ramp = np.ascontiguousarray(np.broadcast_to(line[..., None], (100, 100, 3)))
     name = "TranslateX" if axis else "TranslateY"
     signs = set()
     for seed in range(8):
@@ -226,7 +229,10 @@ def test_pretrain_view_coin_frequencies_simclr_order():
     n = 400
     views = _over_seeds(lambda s: augment.pretrain_view(image, s, image_size=8, use_randaugment=False), n)
     bases = _over_seeds(
-        lambda s: augment.pretrain_view(image, s, image_size=8, use_randaugment=False, color_on_device=True), n
+        lambda s: augment.pretrain_view(
+            image, s, image_size=8, use_randaugment=False, color_on_device=True
+        ),
+        n,
     )
     grey = np.all(views == views[..., :1], axis=(1, 2, 3))
     untouched = np.all(views == bases, axis=(1, 2, 3))
@@ -282,8 +288,10 @@ def test_eval_preprocess_centre_crop_offsets_and_side():
 
 def test_eval_preprocess_small_images_are_not_cropped():
     image = RNG.integers(0, 256, (32, 32, 3)).astype(np.uint8)
-    np.testing.assert_allclose(augment.eval_preprocess(tf.constant(image), image_size=32).numpy(), image / 255.0, atol=1e-6)
+    same = augment.eval_preprocess(tf.constant(image), image_size=32).numpy()
+    np.testing.assert_allclose(same, image / 255.0, atol=1e-6)
     larger = RNG.integers(0, 256, (40, 36, 3)).astype(np.uint8)
     out = augment.eval_preprocess(tf.constant(larger), image_size=32).numpy()
-    expected = np.clip(augment.resize_bicubic_legacy(tf.constant(larger / 255.0, tf.float32), 32, 32).numpy(), 0, 1)
+    expected = augment.resize_bicubic_legacy(tf.constant(larger / 255.0, tf.float32), 32, 32).numpy()
+    expected = np.clip(expected, 0, 1)
     np.testing.assert_allclose(out, expected, atol=1e-6)
