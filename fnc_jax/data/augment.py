@@ -113,7 +113,10 @@ def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 def random_apply(
     fn: Callable[[tf.Tensor], tf.Tensor], image: tf.Tensor, seed: tf.Tensor, p: float
 ) -> tf.Tensor:
-    """`fn(image)` with probability `p`, else `image`; `seed` draws only the coin."""
+    """`fn(image)` with probability `p`, else `image`; `seed` draws only the coin.
+
+    `fn` runs without AutoGraph (like everything here), so it must use TF control flow explicitly.
+    """
     return tf.cond(_uniform(seed, 0.0, 1.0) < p, lambda: fn(image), lambda: image)
 
 
@@ -214,7 +217,11 @@ def _sharpness(image: tf.Tensor, factor: float) -> tf.Tensor:
 
 
 def _affine(image: tf.Tensor, transform: Sequence[tf.Tensor | float]) -> tf.Tensor:
-    """Projective transform (output → input coordinates), nearest neighbour, grey outside the image."""
+    """Projective transform (output → input coordinates), nearest neighbour, grey outside the image.
+
+    The module painted grey where a transformed all-ones alpha channel became 0; with nearest-neighbour
+    sampling that is exactly the set of outputs sampled outside the image, i.e. the op's fill value.
+    """
     transform = tf.reshape(tf.stack([tf.cast(t, tf.float32) for t in transform]), [1, 8])
     return tf.raw_ops.ImageProjectiveTransformV3(
         images=image[tf.newaxis],
