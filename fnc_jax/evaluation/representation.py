@@ -1,0 +1,138 @@
+"""Representation quality of a frozen encoder: features, kNN and a linear probe, vs a random encoder.
+
+This is the quick report that ends a pretraining run on small data (the quickstart): frozen pooled
+encoder features (BatchNorm in inference mode) of the eval-preprocessed train and held-out splits,
+a weighted kNN classifier (k = 20, 200) and a full-batch logistic-regression probe, for the
+pretrained encoder and for the same architecture at its random initialisation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from fnc_jax import parallel
+from fnc_jax.data import pipeline
+from fnc_jax.evaluation import knn
+
+
+def extract_features(
+    apply_fn, variables: dict, config: ml_collections.ConfigDict, split: str, mesh: jax.sharding.Mesh, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) of every real example of `split`, gathered from all processes."""
+    forward = jax.jit(lambda v, x: apply_fn(v, x, train=False)["features"].astype(jnp.float32))
+    feats, labels, masks = [], [], []
+    batches = pipeline.eval_iterator(
+        config, split=split, process_index=jax.process_index(), process_count=jax.process_count(), batch_size=batch_size
+    )
+    for host in batches:
+        batch = parallel.global_batch(host, mesh)
+        out = forward(variables, batch["images"])
+        gathered = multihost_utils.process_allgather({"f": out, "y": batch["labels"], "m": batch["mask"]}, tiled=True)
+        feats.append(np.asarray(gathered["f"]))
+        labels.append(np.asarray(gathered["y"]))
+        masks.append(np.asarray(gathered["m"]))
+    keep = np.concatenate(masks) > 0
+    return np.concatenate(feats)[keep], np.concatenate(labels)[keep]
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
+def _fit_logistic_regression(x, y, *, num_classes: int, steps: int, learning_rate=1e-2, weight_decay=1e-4):
+    tx = optax.adamw(learning_rate, weight_decay=weight_decay)
+    params = {"w": jnp.zeros((x.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
+
+    def loss(p):
+        return optax.softmax_cross_entropy_with_integer_labels(x @ p["w"] + p["b"], y).mean()
+
+    def step(_, carry):
+        p, s = carry
+        g = jax.grad(loss)(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    params, _ = jax.lax.fori_loop(0, steps, step, (params, tx.init(params)))
+    return params
+
+
+def linear_probe_accuracy(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *, num_classes: int, steps: int
+) -> float:
+    """Top-1 of a full-batch logistic regression on standardised frozen features."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    params = _fit_logistic_regression(
+        jnp.asarray((train_x - mean) / std), jnp.asarray(train_y), num_classes=num_classes, steps=steps
+    )
+    logits = ((test_x - mean) / std) @ np.asarray(params["w"]) + np.asarray(params["b"])
+    return float(np.mean(np.argmax(logits, -1) == test_y))
+
+
+def evaluate_encoder(apply_fn, variables: dict, config, mesh, num_classes: int) -> dict[str, float]:
+    bs = config.eval.batch_size
+    train_x, train_y = extract_features(apply_fn, variables, config, config.data.train_split, mesh, bs)
+    test_x, test_y = extract_features(apply_fn, variables, config, config.data.eval_split, mesh, bs)
+    scores = knn.knn_evaluate(
+        test_x,
+        test_y,
+        None,
+        train_x,
+        train_y,
+        None,
+        num_classes=num_classes,
+        ks=tuple(config.eval.knn_ks),
+        temperature=config.eval.knn_temperature,
+    )
+    scores["linear_probe_top1"] = linear_probe_accuracy(
+        train_x, train_y, test_x, test_y, num_classes=num_classes, steps=config.eval.probe_epochs
+    )
+    scores["num_train"], scores["num_test"] = len(train_y), len(test_y)
+    return scores
+
+
+def quality_report(config: ml_collections.ConfigDict, model, state, mesh, info) -> dict[str, Any]:
+    """kNN and linear-probe accuracy of the pretrained encoder and of a random one, plus FN precision."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    report: dict[str, Any] = {
+        "split": config.data.eval_split,
+        "pretrained": evaluate_encoder(model.apply, variables, config, mesh, info.num_classes),
+    }
+    if config.eval.compare_random_init:
+        random_vars = jax.jit(model.init, static_argnames="train")(
+            jax.random.PRNGKey(config.seed + 1), jnp.zeros((2, config.data.image_size, config.data.image_size, 3)),
+            train=False,
+        )
+        report["random_init"] = evaluate_encoder(model.apply, random_vars, config, mesh, info.num_classes)
+    return report
+
+
+def flat_scalars(report: dict[str, Any]) -> dict[str, float]:
+    return {
+        f"final/{who}/{k}": float(v)
+        for who, scores in report.items()
+        if isinstance(scores, dict)
+        for k, v in scores.items()
+    }
+
+
+def print_report(report: dict[str, Any]) -> None:
+    rows = [k for k in report["pretrained"] if k not in ("num_train", "num_test")]
+    print(f"\nRepresentation quality on the held-out '{report['split']}' split "
+          f"({report['pretrained']['num_test']} images; frozen encoder features):")
+    header = f"  {'metric':<22}{'pretrained':>12}" + (f"{'random init':>14}" if "random_init" in report else "")
+    print(header)
+    for k in rows:
+        line = f"  {k:<22}{100 * report['pretrained'][k]:>11.2f}%"
+        if "random_init" in report:
+            line += f"{100 * report['random_init'][k]:>13.2f}%"
+        print(line)
+    if report.get("fn_precision_last_window") is not None:
+        print(
+            f"  false-negative precision during the last logged training window: "
+            f"{100 * report['fn_precision_last_window']:.1f}% (recall {100 * report['fn_recall_last_window']:.1f}%)"
+        )
