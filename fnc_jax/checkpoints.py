@@ -80,11 +80,11 @@ def record_config(workdir: str | os.PathLike, config_dict: dict, *, start_over: 
                     entry.rename(backup / entry.name)
     tmp = workdir / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(config_dict, indent=2, sort_keys=True))
-    tmp.rename(path)  # atomic: a kill never leaves a half-written config.json
+    tmp.replace(path)  # atomic overwrite: a kill never leaves a half-written config.json
 
 
 def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
     path = epath.Path(path)
     tmp = path.parent / (path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=float))
-    tmp.rename(path)
+    tmp.replace(path)  # atomic overwrite (epath's rename refuses an existing destination)
