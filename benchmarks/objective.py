@@ -1,0 +1,506 @@
+"""Benchmark of the FNC objective (`fnc_jax.objectives`): time, per-device memory and FLOPs of loss + gradient.
+
+Usage (from the repository root):
+
+    python -m benchmarks.objective [--quick] [--devices N] [--output FILE]
+
+Prints ONE JSON object to stdout (progress goes to stderr). Sections:
+
+- `timing`: wall time of the jitted `jax.value_and_grad` of the loss on this machine's CPU (compile and a
+  warm-up call excluded, median of several repeats, `block_until_ready`), for FNC attraction (the official
+  default `FNConfig()`), FNC elimination and the plain multi-view baseline (`mode='none'`), in-batch
+  (`fnc_loss`) and memory (`fnc_memory_loss`) variants, `low_memory` True and False, on 1 device and
+  sharded over `--devices` simulated CPU devices with `jax.shard_map`. `ratios` holds FNC / baseline and
+  low_memory True / False.
+- `memory`: per-device sizes of the compiled executable (`memory_analysis()`: temp, argument, output
+  bytes) at the official scale (N = 4096, V = 10, d = 128, memory multiplier M = 16) split over 1, 8, 32
+  and 128 devices; compile only, nothing is run. Next to the measured bytes are the theoretical sizes of
+  one view's similarity block (B x C float32, what `low_memory=True` should scale with: B*V*N in-batch)
+  and of the stack of all views' blocks (V x B x C, what `low_memory=False` stores: B*V*V*N in-batch).
+- FLOPs: `cost_analysis()['flops']` of every compiled executable, next to an analytic count of the
+  similarity matmuls (XLA counts a while loop's body once, so the `low_memory=True` (lax.scan) numbers
+  from `cost_analysis` are lower bounds; the analytic count is the one to compare).
+
+Simulated devices: `--xla_force_host_platform_device_count` is set in XLA_FLAGS before JAX is imported
+(to max(--devices, largest in-process memory point)); device counts above that are compiled in a
+subprocess of this module with its own XLA_FLAGS (`--memory-worker`). Lowering with a
+`jax.sharding.AbstractMesh` works (`jit(f).trace(x).lower(lowering_platforms=('cpu',))`) but compiling
+needs a concrete device assignment, so `memory_analysis()` is not available that way.
+
+Safety: every timed configuration is compiled first and skipped (with the reason in the JSON) when its
+compiled per-device bytes times the device count exceed `--max-run-bytes` (default 4 GiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AXIS = "data"
+
+# Official scale (method.md §12, the official ImageNet configuration).
+OFFICIAL = {"global_batch": 4096, "views": 10, "dim": 128, "memory_multiplier": 16}
+F32 = 4
+
+MODE_CONFIGS = {
+    "attraction": {},  # the official default FNConfig()
+    "elimination": {"mode": "elimination"},
+    "none": {"mode": "none"},
+}
+
+
+def log(*args: Any) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def set_device_count(count: int) -> None:
+    """Sets the simulated CPU device count in XLA_FLAGS (replacing any previous value); before importing jax."""
+    if "jax" in sys.modules:
+        raise RuntimeError("set_device_count must run before jax is imported.")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+# ----------------------------------------------------------------------------------------------
+# Theory.
+
+
+def num_columns(variant: str, views: int, global_batch: int, memory_multiplier: int) -> int:
+    """C: candidate columns per anchor row (V*N in-batch, M*N with the memory)."""
+    return views * global_batch if variant == "in_batch" else memory_multiplier * global_batch
+
+
+def matmul_passes(variant: str, mode: str, low_memory: bool) -> dict[str, int]:
+    """Similarity-block matmul passes ((V*B) x C x d each) of loss + gradient as `objectives.py` writes them.
+
+    FN scoring 1 (not in mode 'none'), logits 1, backward: d(anchors) 1 and, in-batch only, d(candidates) 1
+    (memory rows carry no gradient); the rematerialised scan (low_memory=True) recomputes the logits once more.
+    """
+    passes = {
+        "fn_scores": 0 if mode == "none" else 1,
+        "logits_forward": 1,
+        "logits_recomputed_in_backward": 1 if low_memory else 0,
+        "grad_anchors": 1,
+        "grad_candidates": 1 if variant == "in_batch" else 0,
+    }
+    passes["total"] = sum(passes.values())
+    return passes
+
+
+def analytic_flops(variant, mode, low_memory, views, local_batch, columns, dim) -> dict[str, Any]:
+    per_pass = 2 * views * local_batch * columns * dim
+    passes = matmul_passes(variant, mode, low_memory)
+    return {"matmul_passes": passes, "flops_per_pass": per_pass, "matmul_flops": per_pass * passes["total"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the jitted loss + gradient (imports jax lazily: XLA_FLAGS must be set first).
+
+
+def _fn_config(mode: str):
+    from fnc_jax.objectives import FNConfig
+
+    return FNConfig(**MODE_CONFIGS[mode])
+
+
+def build(variant: str, mode: str, low_memory: bool, devices: int, views: int, global_batch: int, dim: int,
+          memory_multiplier: int):
+    """Returns (jitted value_and_grad, argument ShapeDtypeStructs with shardings, mesh or None)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from fnc_jax.objectives import fnc_loss, fnc_memory_loss
+
+    fn = _fn_config(mode)
+    axis_name = AXIS if devices > 1 else None
+    if variant == "in_batch":
+        def loss(x):
+            return fnc_loss(x, fn=fn, axis_name=axis_name, low_memory=low_memory)[0]
+        shapes = [(views, global_batch, dim)]
+        specs = [P(None, AXIS)]
+    else:
+        def loss(x, ema, memory):
+            return fnc_memory_loss(x, ema, memory, fn=fn, axis_name=axis_name, low_memory=low_memory)[0]
+        shapes = [(views, global_batch, dim), (views, global_batch, dim), (memory_multiplier * global_batch, dim)]
+        specs = [P(None, AXIS), P(None, AXIS), P()]  # the memory queue is replicated on every device
+
+    mesh = None
+    if devices > 1:
+        if len(jax.devices()) < devices:
+            raise RuntimeError(f"need {devices} devices, have {len(jax.devices())}")
+        mesh = Mesh(np.array(jax.devices()[:devices]), (AXIS,))
+        loss = jax.shard_map(loss, mesh=mesh, in_specs=tuple(specs), out_specs=P())
+        args = [jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(mesh, p)) for s, p in zip(shapes, specs)]
+    else:
+        args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+    return jax.jit(jax.value_and_grad(loss)), args, mesh
+
+
+def compile_stats(compiled) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    try:
+        m = compiled.memory_analysis()
+        out["temp_bytes"] = int(m.temp_size_in_bytes)
+        out["argument_bytes"] = int(m.argument_size_in_bytes)
+        out["output_bytes"] = int(m.output_size_in_bytes)
+        out["alias_bytes"] = int(m.alias_size_in_bytes)
+        out["total_bytes"] = out["temp_bytes"] + out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+    except Exception as e:  # not every backend implements it
+        out["memory_analysis_error"] = f"{type(e).__name__}: {e}"
+    try:
+        cost = compiled.cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0] if cost else {}
+        if cost and "flops" in cost:
+            out["cost_analysis_flops"] = float(cost["flops"])
+        if cost and "bytes accessed" in cost:
+            out["cost_analysis_bytes_accessed"] = float(cost["bytes accessed"])
+    except Exception as e:
+        out["cost_analysis_error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def make_inputs(variant: str, views: int, global_batch: int, dim: int, memory_multiplier: int, seed: int = 0):
+    """Clustered embeddings (100 clusters, same-cluster cosine ~0.7), so the FN selection is not empty."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    clusters = 100
+    centers = unit(rng.normal(size=(clusters, dim)))
+    labels = rng.integers(0, clusters, global_batch)
+    emb = centers[labels][None] + 0.65 * unit(rng.normal(size=(views, global_batch, dim)))
+    emb = emb.astype(np.float32)
+    if variant == "in_batch":
+        return [emb]
+    ema = unit(emb + 0.05 * rng.normal(size=emb.shape)).astype(np.float32)
+    rows = memory_multiplier * global_batch
+    old = unit(centers[rng.integers(0, clusters, rows)] + 0.65 * unit(rng.normal(size=(rows, dim))))
+    memory = np.concatenate([ema.reshape(views * global_batch, dim), old[: rows - views * global_batch]])
+    return [emb, ema, memory.astype(np.float32)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing.
+
+
+def prepare_point(variant, mode, low_memory, devices, views, global_batch, dim, memory_multiplier, max_run_bytes):
+    """Compiles one configuration; returns (entry, runner or None when skipped)."""
+    import jax
+
+    entry: dict[str, Any] = {
+        "variant": variant,
+        "mode": mode,
+        "fn_config": MODE_CONFIGS[mode] or "FNConfig() (official default: attraction, max, all_views, "
+                                            "top-10 and cos > 0.7)",
+        "low_memory": low_memory,
+        "devices": devices,
+        "global_batch_N": global_batch,
+        "local_batch_B": global_batch // devices,
+        "views_V": views,
+        "dim_d": dim,
+        "memory_multiplier_M": memory_multiplier if variant == "memory" else None,
+        "columns_C": num_columns(variant, views, global_batch, memory_multiplier),
+    }
+    fn, specs, _ = build(variant, mode, low_memory, devices, views, global_batch, dim, memory_multiplier)
+    t0 = time.perf_counter()
+    compiled = fn.lower(*specs).compile()
+    entry["compile_s"] = time.perf_counter() - t0
+    stats = compile_stats(compiled)
+    entry["compiled_per_device"] = stats
+    entry.update(analytic_flops(variant, mode, low_memory, views, global_batch // devices, entry["columns_C"], dim))
+    need = stats.get("total_bytes", 0) * devices
+    entry["run_bytes_all_devices"] = need
+    if need > max_run_bytes:
+        entry["skipped"] = f"compiled size {need / 2**30:.2f} GiB over all devices exceeds --max-run-bytes"
+        log(f"  skip {variant}/{mode}/low_memory={low_memory}/R={devices}/N={global_batch}: {entry['skipped']}")
+        return entry, None
+    args = [jax.device_put(a, s.sharding) if getattr(s, "sharding", None) is not None else jax.device_put(a)
+            for a, s in zip(make_inputs(variant, views, global_batch, dim, memory_multiplier), specs)]
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        return time.perf_counter() - t0
+
+    run()  # warm-up (excluded)
+    return entry, run
+
+
+def time_group(configs, views, dim, memory_multiplier, repeats, max_run_bytes) -> list[dict[str, Any]]:
+    """Times configurations side by side: all are compiled and warmed up first, then the repeats are
+    interleaved (one call of each configuration per round), so that load from other processes on the
+    shared CPU falls on all of them alike and the ratios stay meaningful."""
+    prepared = [prepare_point(variant, mode, low, r, views, n, dim, memory_multiplier, max_run_bytes)
+                for variant, mode, low, r, n in configs]
+    times: list[list[float]] = [[] for _ in prepared]
+    for _ in range(repeats):
+        for i, (_, run) in enumerate(prepared):
+            if run is not None:
+                times[i].append(run())
+    entries = []
+    for (entry, run), ts in zip(prepared, times):
+        if run is not None:
+            entry["times_s"] = ts
+            entry["median_s"] = statistics.median(ts)
+            entry["min_s"] = min(ts)
+            entry["analytic_matmul_gflops_per_s_all_devices"] = (
+                entry["matmul_flops"] * entry["devices"] / entry["median_s"] / 1e9)
+            log(f"  {entry['variant']:8s} {entry['mode']:11s} low_memory={entry['low_memory']!s:5s} "
+                f"R={entry['devices']:3d} N={entry['global_batch_N']:5d}: median {entry['median_s'] * 1e3:9.2f} ms "
+                f"(compile {entry['compile_s']:.1f} s)")
+        entries.append(entry)
+    return entries
+
+
+def timing_ratios(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """FNC / baseline (same variant, shape, devices, low_memory) and low_memory True / False (same mode)."""
+    done = {(e["variant"], e["mode"], e["low_memory"], e["devices"], e["global_batch_N"]): e["median_s"]
+            for e in entries if "median_s" in e}
+    ratios = []
+    for (variant, mode, low, devices, n), t in sorted(done.items(), key=str):
+        base = done.get((variant, "none", low, devices, n))
+        common = {"variant": variant, "devices": devices, "global_batch_N": n}
+        if mode != "none" and base:
+            ratios.append({**common, "kind": "fnc_over_baseline", "mode": mode, "low_memory": low,
+                           "ratio": t / base, "numerator_s": t, "denominator_s": base,
+                           "meaning": f"time({mode}) / time(mode='none'), loss + gradient"})
+        other = done.get((variant, mode, False, devices, n))
+        if low and other:
+            ratios.append({**common, "kind": "low_memory_true_over_false", "mode": mode,
+                           "ratio": t / other, "numerator_s": t, "denominator_s": other,
+                           "meaning": "time(low_memory=True) / time(low_memory=False), loss + gradient"})
+    return ratios
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory (compile only).
+
+
+def memory_point(variant, mode, low_memory, devices, views, global_batch, dim, memory_multiplier) -> dict[str, Any]:
+    local = global_batch // devices
+    columns = num_columns(variant, views, global_batch, memory_multiplier)
+    fn, specs, _ = build(variant, mode, low_memory, devices, views, global_batch, dim, memory_multiplier)
+    t0 = time.perf_counter()
+    compiled = fn.lower(*specs).compile()
+    compile_s = time.perf_counter() - t0
+    stats = compile_stats(compiled)
+    block = local * columns * F32
+    entry = {
+        "variant": variant,
+        "mode": mode,
+        "low_memory": low_memory,
+        "devices": devices,
+        "global_batch_N": global_batch,
+        "local_batch_B": local,
+        "views_V": views,
+        "dim_d": dim,
+        "memory_multiplier_M": memory_multiplier if variant == "memory" else None,
+        "columns_C": columns,
+        "compile_s": compile_s,
+        "measured_per_device": stats,
+        "theory_per_device": {
+            "view_block_bytes": block,
+            "view_block_formula": "B*C*4 = " + ("B*V*N*4" if variant == "in_batch" else "B*M*N*4"),
+            "all_views_stack_bytes": views * block,
+            "all_views_stack_formula": "V*B*C*4 = " + ("B*V*V*N*4" if variant == "in_batch" else "B*V*M*N*4"),
+            "gathered_features_bytes": views * global_batch * dim * F32,
+            "gathered_features_formula": "V*N*d*4 (all-gathered candidates; their gradient has the same size)",
+            "memory_queue_bytes": memory_multiplier * global_batch * dim * F32 if variant == "memory" else 0,
+        },
+        **analytic_flops(variant, mode, low_memory, views, local, columns, dim),
+    }
+    if "temp_bytes" in stats:
+        entry["temp_over_view_block"] = stats["temp_bytes"] / block
+        entry["temp_over_all_views_stack"] = stats["temp_bytes"] / (views * block)
+    log(f"  memory {variant:8s} {mode:11s} low_memory={low_memory!s:5s} R={devices:3d}: "
+        f"temp {stats.get('temp_bytes', float('nan')) / 2**20:10.1f} MiB "
+        f"(= {entry.get('temp_over_view_block', float('nan')):6.2f} view blocks), compile {compile_s:.1f} s")
+    return entry
+
+
+def memory_points(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [memory_point(p["variant"], p["mode"], p["low_memory"], spec["devices"], spec["views"],
+                         spec["global_batch"], spec["dim"], spec["memory_multiplier"]) for p in spec["points"]]
+
+
+def memory_points_subprocess(spec: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
+    env = dict(os.environ)  # the worker replaces the device count in XLA_FLAGS itself
+    cmd = [sys.executable, "-m", "benchmarks.objective", "--memory-worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    sys.stderr.write(proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory worker for {spec['devices']} devices failed (rc {proc.returncode})")
+    return json.loads(proc.stdout)
+
+
+def memory_scaling(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (variant, low_memory): measured temp bytes vs devices, and how it tracks the theoretical block."""
+    groups: dict[tuple, list] = {}
+    for e in entries:
+        if "temp_bytes" in e["measured_per_device"]:
+            groups.setdefault((e["variant"], e["mode"], e["low_memory"]), []).append(e)
+    out = []
+    for (variant, mode, low), es in sorted(groups.items(), key=str):
+        es = sorted(es, key=lambda e: e["devices"])
+        out.append({
+            "variant": variant, "mode": mode, "low_memory": low,
+            "devices": [e["devices"] for e in es],
+            "temp_mib": [e["measured_per_device"]["temp_bytes"] / 2**20 for e in es],
+            "view_block_mib": [e["theory_per_device"]["view_block_bytes"] / 2**20 for e in es],
+            "all_views_stack_mib": [e["theory_per_device"]["all_views_stack_bytes"] / 2**20 for e in es],
+            "temp_over_view_block": [e["temp_over_view_block"] for e in es],
+        })
+    # Side by side: low_memory=False / low_memory=True temp bytes at equal variant, mode, devices.
+    by_key = {(e["variant"], e["mode"], e["low_memory"], e["devices"]): e for e in entries
+              if "temp_bytes" in e["measured_per_device"]}
+    for (variant, mode, low, devices), e in sorted(by_key.items(), key=str):
+        other = by_key.get((variant, mode, False, devices))
+        if low and other:
+            out.append({"variant": variant, "mode": mode, "devices": devices,
+                        "kind": "temp_low_memory_false_over_true",
+                        "ratio": other["measured_per_device"]["temp_bytes"] / e["measured_per_device"]["temp_bytes"],
+                        "theory_ratio_V": e["views_V"]})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Plans.
+
+
+def plans(quick: bool, devices: int) -> dict[str, Any]:
+    views, dim, m = 10, 128, 16
+    if quick:
+        # Few compiles (they dominate at these sizes): every mode (low_memory=True) and attraction with
+        # low_memory=False in-batch on one device; FNC vs baseline for the memory variant and sharded.
+        timing = [("in_batch", mode, True, 1, 64) for mode in MODE_CONFIGS] + [("in_batch", "attraction", False, 1, 64)]
+        timing += [("memory", mode, True, 1, 64) for mode in ("attraction", "none")]
+        timing += [("in_batch", mode, True, devices, 64) for mode in ("attraction", "none")]
+        memory = {8 if devices >= 8 else devices: [{"variant": "in_batch", "mode": "attraction", "low_memory": lo}
+                                                   for lo in (True, False)]}
+        return {"views": views, "dim": dim, "memory_multiplier": m, "timing": timing, "repeats": 3,
+                "memory": memory}
+    timing = []
+    for n in (256, 1024):
+        for variant in ("in_batch", "memory"):
+            for mode in MODE_CONFIGS:
+                for low in (True, False):
+                    timing.append((variant, mode, low, 1, n))
+    for variant in ("in_batch", "memory"):
+        for mode in MODE_CONFIGS:
+            for low in (True, False):
+                timing.append((variant, mode, low, devices, 1024))
+    points = [{"variant": v, "mode": "attraction", "low_memory": lo} for v in ("in_batch", "memory") for lo in (True, False)]
+    points += [{"variant": v, "mode": "none", "low_memory": True} for v in ("in_batch", "memory")]
+    memory = {r: points for r in (1, 8, 32, 128)}
+    return {"views": views, "dim": dim, "memory_multiplier": m, "timing": timing, "repeats": 5, "memory": memory}
+
+
+def machine() -> dict[str, Any]:
+    import jax
+
+    return {
+        "processor": platform.processor() or platform.machine(),
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax_version": jax.__version__,
+        "jaxlib_version": getattr(__import__("jaxlib"), "__version__", None),
+        "backend": jax.default_backend(),
+        "num_devices_in_process": jax.device_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, one official-scale compile (< 1 min)")
+    parser.add_argument("--devices", type=int, default=int(os.environ.get("FNC_BENCH_DEVICES", 8)),
+                        help="simulated devices of the sharded timing (env FNC_BENCH_DEVICES, default 8)")
+    parser.add_argument("--max-run-bytes", type=float, default=4 * 2**30,
+                        help="skip timing a configuration whose compiled bytes over all devices exceed this")
+    parser.add_argument("--output", help="also write the JSON to this file")
+    parser.add_argument("--memory-worker", help=argparse.SUPPRESS)  # internal: JSON spec, one device count
+    args = parser.parse_args(argv)
+
+    if args.memory_worker:
+        spec = json.loads(args.memory_worker)
+        set_device_count(spec["devices"])
+        print(json.dumps(memory_points(spec)))
+        return 0
+
+    plan = plans(args.quick, args.devices)
+    in_process = max([args.devices] + [r for r in plan["memory"] if r <= max(args.devices, 8)])
+    set_device_count(in_process)
+    start = time.perf_counter()
+    import jax
+
+    result: dict[str, Any] = {
+        "benchmark": "fnc_jax.objectives loss + gradient (jax.value_and_grad w.r.t. the online embeddings)",
+        "quick": args.quick,
+        "machine": machine(),
+        "units": {"time": "seconds", "memory": "bytes (per device) unless the key says MiB", "flops": "FLOP"},
+        "notes": [
+            "Times: median of `repeats` calls after compile and one warm-up call, block_until_ready; the repeats of "
+            "configurations of one (variant, devices, N) group are interleaved; "
+            "simulated devices share this machine's CPU cores, so sharded times measure overhead, not speed-up.",
+            "memory_analysis() of an SPMD executable is per device (argument bytes = the local shard).",
+            "cost_analysis() counts a while loop's body once: low_memory=True (lax.scan over views) FLOPs are "
+            "lower bounds; use matmul_flops (analytic) to compare.",
+            "Inputs are clustered (same-cluster cosine ~0.7) so that the FN selection is not empty.",
+            "AbstractMesh lowering works with lowering_platforms=('cpu',), but compile() needs a device "
+            "assignment, hence one subprocess per device count above the in-process count.",
+        ],
+        "official_scale": OFFICIAL,
+    }
+
+    views, dim, mm = plan["views"], plan["dim"], plan["memory_multiplier"]
+    log(f"timing ({len(plan['timing'])} configurations, {plan['repeats']} interleaved repeats)")
+    groups: dict[tuple, list] = {}
+    for config in plan["timing"]:  # side by side per (variant, devices, N)
+        groups.setdefault((config[0], config[3], config[4]), []).append(config)
+    timing = []
+    for configs in groups.values():
+        timing += time_group(configs, views, dim, mm, plan["repeats"], args.max_run_bytes)
+    result["timing"] = {"repeats": plan["repeats"], "entries": timing, "ratios": timing_ratios(timing)}
+
+    log("memory at the official scale (compile only)")
+    memory: list[dict[str, Any]] = []
+    for r, points in sorted(plan["memory"].items()):
+        spec = {"devices": r, "views": OFFICIAL["views"], "global_batch": OFFICIAL["global_batch"],
+                "dim": OFFICIAL["dim"], "memory_multiplier": OFFICIAL["memory_multiplier"], "points": points}
+        if r <= jax.device_count():
+            memory += memory_points(spec)
+        else:
+            memory += memory_points_subprocess(spec, timeout=900)
+    result["memory"] = {"entries": memory, "scaling": memory_scaling(memory)}
+    result["elapsed_s"] = time.perf_counter() - start
+    text = json.dumps(result, indent=1)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
