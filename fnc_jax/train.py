@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import signal
 import time
@@ -421,7 +422,11 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *, start_over: boo
         mesh,
     )
     writer = metric_writers.create_default_writer(str(workdir_path), just_logging=process_index > 0)
+    history_path = workdir_path / "train_history.json"
     history: list[dict[str, float]] = []
+    if process_index == 0 and start_step > 0 and history_path.exists():
+        # A resumed run keeps the history up to its checkpoint (steps after it are trained again).
+        history = [h for h in json.loads(history_path.read_text())["history"] if h["step"] <= start_step]
     last_metrics: dict[str, float] = {}
     if start_step < total_steps:
         first = next(batches)
@@ -484,7 +489,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *, start_over: boo
         writer.write_scalars(int(state.step), representation.flat_scalars(results["quality"]))
     if process_index == 0:
         checkpoints.write_json_atomic(workdir_path / "results.json", results)
-        checkpoints.write_json_atomic(workdir_path / "train_history.json", {"history": history})
+        checkpoints.write_json_atomic(history_path, {"history": history})
     store.close()
     writer.close()
     return results
