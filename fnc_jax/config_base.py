@@ -45,6 +45,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.depth = 50
     c.model.width_multiplier = 1.0
+    c.model.stem = "auto"  # auto: CIFAR stem (3x3, no max-pool) at <= 32 px, else ImageNet stem | cifar | imagenet
     c.model.sk_ratio = 0.0
     c.model.se_ratio = 0.0
     c.model.proj_layers = 3
@@ -89,4 +90,101 @@ def pretrain_config() -> ml_collections.ConfigDict:
     c.eval.knn_ks = (20, 200)
     c.eval.knn_temperature = 0.07
     c.eval.probe_epochs = 100  # full-batch logistic-regression epochs of the final-report probe
+    return c
+
+
+EVAL_SECTIONS = {
+    "linear_eval": ("optim",),
+    "finetune": ("optim", "finetune"),
+    "knn": ("knn",),
+    "fn_analysis": ("fn_analysis", "augment"),
+    "transfer": ("optim", "finetune", "transfer"),
+}
+
+
+def eval_config(mode: str) -> ml_collections.ConfigDict:
+    """The base of every evaluation mode (`fnc_jax.evaluate`), with the ImageNet protocol defaults.
+
+    Common fields: the run (seed, global batch, epochs / total_steps, checkpoints, logging), `data`,
+    `model` (must match the pretraining network; `ft_proj_selector` picks the classifier input),
+    `pretrained` (where the weights come from) and `eval` (held-out evaluation). The mode adds its
+    own sections (`EVAL_SECTIONS`): `optim` for trained modes, `finetune`, `knn`, `fn_analysis` with
+    the pretraining `augment` settings, `transfer`. Defaults are the linear-evaluation recipe
+    (training recipe §5): SGD Nesterov 0.9, 0.005·√1024 = 0.16, no weight decay or warm-up, cosine,
+    batch 1024, 90 epochs; the fine-tuning recipe (§6) changes the optimiser to LARS.
+    """
+    if mode not in EVAL_SECTIONS:
+        raise ValueError(f"eval_config(mode={mode!r}): allowed modes are {', '.join(EVAL_SECTIONS)}.")
+    base = pretrain_config()
+    c = ml_collections.ConfigDict()
+    c.mode = mode
+    c.seed = 0
+    c.batch_size = 1024  # global; for fn_analysis the candidate pool of one training batch
+    c.epochs = 90
+    c.total_steps = 0  # > 0 overrides epochs
+    c.checkpoint_every_steps = 5000
+    c.keep_checkpoints = 2
+    c.log_every_steps = 100
+    c.dtype = "float32"
+
+    c.data = base.data.copy_and_resolve_references()  # train_split: trained on / features; eval_split: reported
+
+    c.model = base.model.copy_and_resolve_references()
+    del c.model["online_probe"]
+    c.model.ft_proj_selector = 0  # 0 = pooled encoder features, k = projection layer k-1 output, -1 = last
+    c.model.zero_init_head = True
+
+    c.pretrained = ml_collections.ConfigDict()
+    c.pretrained.workdir = ""  # a pretraining workdir: its checkpoints/ (latest step unless `step`)
+    c.pretrained.checkpoint = ""  # or one checkpoint step directory, e.g. <workdir>/checkpoints/31279
+    c.pretrained.step = -1  # with `workdir`: the step to use, -1 = latest
+    c.pretrained.allow_random_init = False  # both empty = random-init baseline, only when True
+    c.pretrained.network = "online"  # online | ema (memory-mode checkpoints hold the EMA network too)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 256  # global, padded last batch (masked)
+    c.eval.every_steps = 0  # > 0: also evaluate on data.eval_split during training
+
+    if "optim" in EVAL_SECTIONS[mode]:
+        c.optim = ml_collections.ConfigDict()
+        c.optim.name = "sgd_nesterov"  # lars | sgd_nesterov | adamw
+        c.optim.base_lr = 0.005
+        c.optim.lr_scaling = "sqrt"
+        c.optim.warmup_epochs = 0.0
+        c.optim.weight_decay = 0.0
+        c.optim.momentum = 0.9
+        c.optim.trust_coefficient = 1e-3
+    if "finetune" in EVAL_SECTIONS[mode]:
+        c.finetune = ml_collections.ConfigDict()
+        # Official quirk (§9.2): the projection layers below the classifier input stay at their
+        # pretrained values (their BN still runs in training mode). True trains them too.
+        c.finetune.train_projection = False
+    if mode == "knn":
+        c.knn = ml_collections.ConfigDict()
+        c.knn.ks = (20, 200)
+        c.knn.temperature = 0.07
+        c.knn.features = "encoder"  # encoder (pooled) | projection (l2-normalised in the vote)
+        c.knn.test_batch_size = 256
+        c.knn.train_chunk_size = 65536
+    if mode == "fn_analysis":
+        c.augment = base.augment.copy_and_resolve_references()
+        c.fn_analysis = ml_collections.ConfigDict()
+        c.fn_analysis.split = "validation"  # labelled split whose views are analysed
+        c.fn_analysis.num_views = 10  # V = 2 + support views, as in pretraining
+        c.fn_analysis.max_examples = 0  # 0 = the whole split (rounded down to whole batches)
+        c.fn_analysis.topks = (1, 2, 5, 10, 20)
+        c.fn_analysis.thresholds = (0.5, 0.6, 0.7, 0.8, 0.9)
+        c.fn_analysis.aggregations = ("max", "mean")
+        c.fn_analysis.support_sizes = ()  # () = every even S up to V - 2, and V - 2
+        c.fn_analysis.anchor_batch_size = 0  # 0 = all anchors of a batch at once; else a divisor of batch_size
+        c.fn_analysis.histogram_bins = 50
+        c.fn_analysis.save_embeddings = False  # embeddings.npz: (V, N, d) projections and labels
+    if mode == "transfer":
+        c.transfer = ml_collections.ConfigDict()
+        c.transfer.protocol = "linear_eval"  # linear_eval | finetune
+        c.transfer.sweep_train_split = "train[:80%]"  # hyper-parameter selection: train here ...
+        c.transfer.sweep_val_split = "train[80%:]"  # ... select the best top-1 here
+        c.transfer.learning_rates = (0.1, 0.01)  # each replaces optim.base_lr (then optim.lr_scaling)
+        c.transfer.weight_decays = (0.0, 1e-4)
+        c.transfer.bn_momentum = 0.9  # -1 = max(1 - 10 / steps per epoch, 0.9) (Kornblith et al.)
     return c

@@ -21,6 +21,7 @@ OPTIMIZERS = ("lars", "sgd_nesterov", "adamw")
 EMA_INITS = ("copy", "independent")
 BLUR_SIGMAS = ("per_image", "per_device")
 SOURCES = ("embedded", "tfds", "image_folder")
+STEMS = ("auto", "cifar", "imagenet")
 MIN_IMAGE_SIZE = 8
 
 # Settings a resumed run may change; everything else must match the workdir's config.json.
@@ -83,10 +84,16 @@ def num_views(config: ml_collections.ConfigDict) -> int:
     return 2 + config.views.support_size
 
 
+def uses_cifar_stem(config: ml_collections.ConfigDict) -> bool:
+    """The CIFAR stem (3x3/1, no max-pool) is the default at 32 px and below (training_recipe.md §3.1)."""
+    return config.model.stem == "cifar" or (config.model.stem == "auto" and config.data.image_size <= 32)
+
+
 def validate_model(config: ml_collections.ConfigDict) -> None:
     if config.model.depth not in RESNET_DEPTHS:
         raise _invalid("model.depth", config.model.depth, ", ".join(map(str, RESNET_DEPTHS)))
     _number(config, "model.width_multiplier", 0.0, open_low=True)
+    _choice(config, "model.stem", STEMS)
     _integer(config, "model.proj_layers", 1)
     _integer(config, "model.proj_out_dim", 1)
     _integer(config, "model.proj_hidden_dim", 0)

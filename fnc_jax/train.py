@@ -113,7 +113,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int = 0) -> Cont
     return ContrastiveModel(
         depth=m.depth,
         width_multiplier=m.width_multiplier,
-        cifar_stem=config.data.image_size <= 32,
+        cifar_stem=configuration.uses_cifar_stem(config),
         sk_ratio=m.sk_ratio,
         se_ratio=m.se_ratio,
         proj_layers=m.proj_layers,
@@ -342,7 +342,6 @@ class Progress:
             if self.peak:
                 stats["mfu"] = tflops * 1e12 / self.peak
                 line += f" | MFU {100 * stats['mfu']:.1f}%"
-        logging.info(line)
         print(line, flush=True)
         self.start(step)
         return stats
