@@ -387,8 +387,9 @@ def fnc_loss(
         across it and the returned loss / metrics are global.
       labels: optional `(B,)` integer labels of the local samples, for FN precision / recall and
         the oracle selection.
-      low_memory: view-by-view computation (see module docstring); False vectorises over views,
-        which is faster for small blocks but stores V blocks.
+      low_memory: view-by-view computation (see module docstring). False vectorises over views and
+        stores all V blocks (about 8x the temporary memory); on CPU it is also slower
+        (benchmarks/objective.py), so it is only worth trying on accelerators with small blocks.
 
     Returns:
       `(loss, aux)`: the scalar loss (mean over devices of the per-device loss) and a dict with
