@@ -124,6 +124,12 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int = 0) -> Cont
     )
 
 
+def parameter_init_key(seed: int) -> jax.Array:
+    """Key for parameter initialisation: RBG (XLA's RngBitGenerator) compiles a ResNet's ~100
+    initialisers about 10x faster than threefry on CPU (minutes → seconds)."""
+    return jax.random.key(seed, impl="rbg")
+
+
 def init_state(
     config: ml_collections.ConfigDict,
     model: ContrastiveModel,
@@ -131,7 +137,8 @@ def init_state(
     tx: optax.GradientTransformation,
 ) -> TrainState:
     """Initial state (call under jit with replicated out_shardings)."""
-    init_key, ema_key, step_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+    init_key, ema_key = jax.random.split(parameter_init_key(config.seed))
+    step_key = jax.random.PRNGKey(config.seed)  # threefry: the step's augmentation draws
     size = config.data.image_size
     dummy = jnp.zeros((2, size, size, 3), jnp.float32)
     variables = model.init(init_key, dummy, train=False)
@@ -332,13 +339,13 @@ class Progress:
         }
         eta = (self.total_steps - step) / max(steps_per_s, 1e-9)
         line = (
-            f"step {step}/{self.total_steps} | loss {loss:.4f} | {stats['images_per_sec_per_device']:.1f} img/s/device"
+            f"step {step}/{self.total_steps} | contrastive loss {loss:.4f} | {stats['images_per_sec_per_device']:.1f} img/s/device"
             f" | {steps_per_s:.2f} steps/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"
         )
         if self.flops:
             tflops = self.flops * steps_per_s / 1e12
             stats["tflops_per_device"] = tflops
-            line += f" | {tflops:.2f} TFLOP/s/device"
+            line += f" | {tflops:.3g} TFLOP/s/device"
             if self.peak:
                 stats["mfu"] = tflops * 1e12 / self.peak
                 line += f" | MFU {100 * stats['mfu']:.1f}%"
@@ -456,7 +463,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *, start_over: boo
                         f"checkpoint (step {store.latest_step()}) is kept in {workdir}."
                     )
                 last_metrics = _mean_metrics(host)
-                speed = progress.report(done, last_metrics["loss"])
+                speed = progress.report(done, last_metrics["contrastive_loss"])
                 writer.write_scalars(done, {**last_metrics, **speed})
                 history.append({"step": done, **last_metrics})
             if save or stop:

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from fnc_jax import parallel
+from fnc_jax import parallel, train
 from fnc_jax.data import pipeline
 from fnc_jax.evaluation import knn
 
@@ -103,9 +103,9 @@ def quality_report(config: ml_collections.ConfigDict, model, state, mesh, info) 
         "pretrained": evaluate_encoder(model.apply, variables, config, mesh, info.num_classes),
     }
     if config.eval.compare_random_init:
-        random_vars = jax.jit(model.init, static_argnames="train")(
-            jax.random.PRNGKey(config.seed + 1), jnp.zeros((2, config.data.image_size, config.data.image_size, 3)),
-            train=False,
+        size = config.data.image_size
+        random_vars = jax.jit(lambda key: model.init(key, jnp.zeros((2, size, size, 3)), train=False))(
+            train.parameter_init_key(config.seed + 1)
         )
         report["random_init"] = evaluate_encoder(model.apply, random_vars, config, mesh, info.num_classes)
     return report
