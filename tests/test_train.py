@@ -74,40 +74,35 @@ def _step_on(config, devices, batch, steps=1, learning_rate=0.05):
         ),
         out_shardings=(replicated, replicated),
     )
-    history = []
+    history, first_state = [], None
     for _ in range(steps):
         state, metrics = step(state, parallel.global_batch(batch, mesh))
         history.append(jax.device_get(metrics))
-    return state, history
+        first_state = first_state or jax.device_get(state)
+    return first_state, state, history
 
 
-def test_sharded_step_equals_single_device_memory_mode():
-    """Global BN, the gathered loss and the queue make 8 devices compute the 1-device step."""
+def test_sharded_step_equals_single_device_and_loss_decreases():
+    """Global BN, the gathered loss and the queue make 8 devices compute the 1-device step; training
+    on a fixed batch then lowers the loss while the queue fills with labelled rows."""
     config = tiny_config(**{"memory.multiplier": 4, "augment.blur": True})
     batch = _random_batch(config)
-    state1, m1 = _step_on(config, jax.devices()[:1], batch)
-    state8, m8 = _step_on(config, jax.devices()[:8], batch)
+    state1, _, m1 = _step_on(config, jax.devices()[:1], batch)
+    state8, final8, m8 = _step_on(config, jax.devices()[:8], batch, steps=6)
     for key in ("loss", "contrastive_loss", "probe_loss", "mean_num_fn", "fn_precision", "grad_norm"):
         np.testing.assert_allclose(m8[0][key], m1[0][key], rtol=2e-4, err_msg=key)
-    flat1, flat8 = jax.tree.leaves(state1.params), jax.tree.leaves(state8.params)
-    for a, b in zip(flat1, flat8):
+    for a, b in zip(jax.tree.leaves(state1.params), jax.tree.leaves(state8.params)):
         np.testing.assert_allclose(a, b, atol=1e-5)
     np.testing.assert_allclose(state8.memory, state1.memory, atol=1e-5)
     assert float(m1[0]["mean_num_fn"]) > 0  # the FN path is exercised
 
-
-def test_loss_decreases_and_memory_fills_on_eight_devices():
-    config = tiny_config(**{"memory.multiplier": 6})
-    batch = _random_batch(config, seed=1)
-    state, history = _step_on(config, jax.devices()[:8], batch, steps=6)
-    losses = [float(m["contrastive_loss"]) for m in history]
+    losses = [float(m["contrastive_loss"]) for m in m8]
     assert losses[-1] < losses[0], losses
-    assert all(bool(m["finite"]) for m in history)
+    assert all(bool(m["finite"]) for m in m8) and int(final8.step) == 6
     v, n = configuration.num_views(config), config.batch_size
-    # 6 steps of V*N rows have replaced every zero row of the M*N queue; the labels follow the rows.
-    assert int((np.abs(np.asarray(state.memory)).sum(1) == 0).sum()) == 0
-    np.testing.assert_array_equal(state.memory_labels[: v * n], np.tile(batch["labels"], v))
-    assert int(state.step) == 6
+    # 6 steps of V*N rows replaced every zero row of the M*N queue; the labels follow the rows.
+    assert int((np.abs(np.asarray(final8.memory)).sum(1) == 0).sum()) == 0
+    np.testing.assert_array_equal(final8.memory_labels[: v * n], np.tile(batch["labels"], v))
 
 
 def test_pretrain_end_to_end_checkpoints_and_resume(tmp_path):
