@@ -98,6 +98,15 @@ def _init_fn(model, image_size: int, selection: tuple[tuple[str, str], ...]):
     return jax.jit(init)
 
 
+def _abstract_variables(config: ml_collections.ConfigDict, model) -> dict:
+    """{'params', 'batch_stats'} of the network as shapes (`jax.eval_shape`: nothing runs)."""
+    size = config.data.image_size
+    abstract = jax.eval_shape(
+        lambda k: model.init(k, jnp.zeros((2, size, size, 3), jnp.float32), train=False), jax.random.PRNGKey(0)
+    )
+    return {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
+
+
 def initial_variables(
     config: ml_collections.ConfigDict, model, source: restore.PretrainedSource, mesh: jax.sharding.Mesh
 ) -> tuple[dict, dict[str, Any]]:
@@ -107,20 +116,20 @@ def initial_variables(
     (the classifier `head`; everything for a random-init baseline without checkpoint) are initialised
     with `config.seed`.
     """
+    from fnc_jax.train import parameter_init_key  # noqa: PLC0415
+
     replicated = parallel.replicated(mesh)
-    size = config.data.image_size
-    key = jax.random.PRNGKey(config.seed)
-    abstract = jax.eval_shape(
-        lambda k: model.init(k, jnp.zeros((2, size, size, 3), jnp.float32), train=False), key
-    )
-    abstract = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
+    abstract = _abstract_variables(config, model)
     modules = restore.RESTORED_MODULES[config.mode]
     network = config.pretrained.network
     pretrained = None
     if source.step_dir is not None:
         pretrained = restore.load_network(source, network=network, modules=modules, sharding=replicated)
     selection = restore.fresh_modules(abstract, pretrained is not None, modules)
-    fresh = restore.replicate(_init_fn(model, size, selection)(key), replicated) if selection else {}
+    fresh = {}
+    if selection:
+        fresh = _init_fn(model, config.data.image_size, selection)(parameter_init_key(config.seed))
+        fresh = restore.replicate(fresh, replicated)
     variables, report = restore.merge_pretrained(abstract, fresh, pretrained, restored_modules=modules)
     info = {
         "checkpoint": None if source.step_dir is None else str(source.step_dir),
@@ -143,11 +152,7 @@ def _has_checkpoint(directory: epath.Path) -> bool:
 
 def _placeholder_variables(config, model, mesh) -> dict:
     """Zeros with the network's structure, replicated: a restore target (nothing compiled)."""
-    size = config.data.image_size
-    abstract = jax.eval_shape(
-        lambda k: model.init(k, jnp.zeros((2, size, size, 3), jnp.float32), train=False), jax.random.PRNGKey(0)
-    )
-    abstract = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
+    abstract = _abstract_variables(config, model)
     return restore.replicate(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract), parallel.replicated(mesh))
 
 
@@ -167,7 +172,8 @@ def _print_restore(report: dict) -> None:
     _print(
         f"Pretrained weights: {report['checkpoint'] or 'none (random initialisation)'}"
         + (f" (step {report['step']}, {report['network']} network)" if report["checkpoint"] else "")
-        + f"; restored {', '.join(report['restored']) or 'nothing'}; initialised {', '.join(report['initialised'])}"
+        + f"; restored {', '.join(report['restored']) or 'nothing'}"
+        + f"; initialised {', '.join(report['initialised']) or 'nothing'}"
     )
 
 
@@ -265,8 +271,8 @@ def fn_analysis_size(config: ml_collections.ConfigDict) -> int:
 
 def _run_fn_analysis(config, workdir, source, info, mesh) -> dict[str, Any]:
     a = config.fn_analysis
-    model, variables, report = _encoder_variables(config, source, mesh)
     n = fn_analysis_size(config)
+    model, variables, report = _encoder_variables(config, source, mesh)
     embeddings, labels = features.view_projections(
         model, variables, config, mesh, split=a.split, num_views=a.num_views, num_examples=n,
         batch_size=config.eval.batch_size,
@@ -287,10 +293,12 @@ def _run_fn_analysis(config, workdir, source, info, mesh) -> dict[str, Any]:
                 np.savez(f, embeddings=embeddings, labels=labels)
     chance = float(np.sum(np.bincount(labels) ** 2) / len(labels) ** 2)
     largest = max(r["support_size"] for r in rows)
+    shown = "max" if "max" in a.aggregations else a.aggregations[0]
     _print(f"False-negative identification on {n} images of {a.split!r}, {a.num_views} views, batches of "
-           f"{config.batch_size} (chance precision ~{100 * chance:.1f}%), support size {largest}:")
+           f"{config.batch_size} (chance precision ~{100 * chance:.1f}%), support size {largest}, {shown} "
+           "aggregation (the full table is in results.json):")
     for r in rows:
-        if r["support_size"] == largest and r["selection"] != "threshold":
+        if r["support_size"] == largest and r["aggregation"] == shown and r["selection"] != "threshold":
             _print(f"  {r['aggregation']:<4} top-{r['topk']:<3} θ={r['threshold'] if r['threshold'] is not None else 'none':<5} "
                    f"precision {100 * r['precision']:5.1f}% | recall {100 * r['recall']:5.1f}% | mean |F| {r['mean_num_fn']:.2f}")
     writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
@@ -389,7 +397,7 @@ def _run_transfer(config, workdir, source, info, mesh) -> dict[str, Any]:
         "sweep": sweep,
         "best": best,
         "preempted": final["preempted"],
-        "final": {k: v for k, v in final.items() if k != "history"},
+        "final": final,
     }
     if not final["preempted"]:
         results["test"] = final["eval"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import time
 from typing import Any
@@ -35,6 +36,7 @@ from fnc_jax import checkpoints, optim, parallel
 from fnc_jax.data import pipeline
 
 KINDS = ("linear_eval", "finetune")
+HISTORY_FILE = "train_history.json"
 
 
 class ClassifierState(struct.PyTreeNode):
@@ -255,6 +257,35 @@ def peak_learning_rate(config: ml_collections.ConfigDict, base_lr: float) -> flo
     return base_lr * (np.sqrt(batch) if scaling == "sqrt" else batch / 256.0 if scaling == "linear" else 1.0)
 
 
+class Progress:
+    """The progress line: step, loss, train top-1, LR, images/s per device, steps/s, ETA."""
+
+    def __init__(self, what: str, *, total_steps: int, batch_size: int):
+        self.what, self.total_steps, self.batch_size = what, total_steps, batch_size
+        self.devices = jax.device_count()
+        self.mark_step, self.mark_time, self.paused = 0, time.time(), 0.0
+
+    def start(self, step: int) -> None:
+        self.mark_step, self.mark_time, self.paused = step, time.time(), 0.0
+
+    def report(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        elapsed = max(time.time() - self.mark_time - self.paused, 1e-9)
+        steps_per_s = (step - self.mark_step) / elapsed
+        stats = {"steps_per_sec": steps_per_s, "images_per_sec_per_device": steps_per_s * self.batch_size / self.devices}
+        eta = (self.total_steps - step) / max(steps_per_s, 1e-9)
+        line = (
+            f"{self.what} step {step}/{self.total_steps} | loss {metrics['loss']:.4f} | train top-1 "
+            f"{100 * metrics['top1']:.1f}% | lr {metrics['learning_rate']:.4g} | "
+            f"{stats['images_per_sec_per_device']:.1f} img/s/device | {steps_per_s:.2f} steps/s | "
+            f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+        )
+        logging.info(line)
+        if jax.process_index() == 0:
+            print(line, flush=True)
+        self.start(step)
+        return stats
+
+
 def _mean(window: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in window])) for k in window[0] if k != "finite"}
 
@@ -275,9 +306,9 @@ def train(
 
     `variables` is the starting network (pretrained + fresh head); it only matters on a fresh start.
     Returns (results, final state); results hold the final evaluation, the last training window and
-    the periodic evaluations (`eval.every_steps`).
+    the periodic evaluations (`eval.every_steps`); every logged window goes to `train_history.json`.
     """
-    from fnc_jax.train import NonFiniteError, PreemptionWatcher, Progress  # noqa: PLC0415
+    from fnc_jax.train import NonFiniteError, PreemptionWatcher  # noqa: PLC0415
 
     process_index = jax.process_index()
     total_steps = int(hparams["total_steps"])
@@ -289,8 +320,18 @@ def train(
     start_step = int(state.step)
     writer = metric_writers.create_default_writer(str(workdir), just_logging=process_index > 0)
     step_fn = compiled_train_step(model, protocol, mesh)
+    # The logged training windows: kept up to the checkpoint on resume, written next to it.
+    history_path = workdir / HISTORY_FILE
     history: list[dict] = []
-    last: dict[str, float] = {}
+    if start_step and history_path.exists():
+        history = [h for h in json.loads(history_path.read_text())["history"] if h["step"] <= start_step]
+    periodic: list[dict] = [h["eval"] for h in history if "eval" in h]
+    last: dict[str, float] = {k: v for k, v in history[-1].items() if k not in ("step", "eval")} if history else {}
+
+    def write_history():
+        if process_index == 0:
+            checkpoints.write_json_atomic(history_path, {"history": history})
+
     if start_step < total_steps:
         batches = parallel.device_prefetch(
             pipeline.supervised_iterator(
@@ -299,7 +340,7 @@ def train(
             ),
             mesh,
         )
-        progress = Progress(total_steps=total_steps, batch_size=config.batch_size, flops_per_step=None)
+        progress = Progress(protocol.kind, total_steps=total_steps, batch_size=config.batch_size)
         watcher = PreemptionWatcher()
         window: list = []
         progress.start(start_step)
@@ -322,18 +363,20 @@ def train(
                         f"{workdir}. Lower the learning rate (config.optim.base_lr)."
                     )
                 last = _mean(host)
-                speed = progress.report(done, last["loss"])
+                speed = progress.report(done, last)
                 writer.write_scalars(done, {f"train/{k}": v for k, v in last.items()} | speed)
                 history.append({"step": done, **last})
             if periodic_eval:
                 t = time.time()
                 scores = evaluate(model, state, config, eval_split, mesh)
                 writer.write_scalars(done, {f"eval/{k}": v for k, v in scores.items() if k != "split"})
-                history[-1]["eval"] = scores
+                history[-1]["eval"] = {"step": done, **scores}
+                periodic.append(history[-1]["eval"])
                 progress.paused += time.time() - t
             if save or stop:
                 t = time.time()
                 store.save(done, state)
+                write_history()
                 progress.paused += time.time() - t
             if stop:
                 logging.warning("Stopped for preemption at step %d; the run resumes from here.", done)
@@ -344,7 +387,8 @@ def train(
         "total_steps": total_steps,
         "hparams": {k: float(v) for k, v in jax.device_get(state.hparams).items()},
         "final_train_metrics": last,
-        "history": history,
+        "periodic_eval": periodic,
+        "history_file": str(history_path),
         "preempted": int(state.step) < total_steps,
     }
     if not results["preempted"]:
