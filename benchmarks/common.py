@@ -1,0 +1,365 @@
+"""Shared helpers of the step, input-pipeline, compile-time and GPU benchmarks.
+
+Import order matters: `set_device_count` edits XLA_FLAGS and must run before JAX is imported, so this
+module imports JAX (and fnc_jax) lazily, inside the functions that need it.
+
+The train step is built exactly as `fnc_jax.train.pretrain` builds it (validation, schedule, models,
+optimiser with parameter masks, `StepSettings`, `jax.jit(train_step, donate_argnums=0)` with replicated
+outputs); only the data is synthetic (uniform [0, 1) views, random labels), because a benchmark of the
+step must not wait on the input pipeline (which has its own benchmark).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+
+
+_T0 = time.time()
+
+
+def log(*args: Any) -> None:
+    """Progress messages go to stderr (stdout carries only the benchmark's JSON object), with elapsed seconds."""
+    print(f"[{time.time() - _T0:7.1f}s]", *args, file=sys.stderr, flush=True)
+
+
+def set_device_count(count: int, *, platform_name: str | None = "cpu") -> None:
+    """Simulated CPU device count (replacing any previous value); call before JAX is imported.
+
+    `platform_name=None` leaves JAX_PLATFORMS alone (the GPU benchmark picks the accelerator if present).
+    """
+    if "jax" in sys.modules:
+        raise RuntimeError("set_device_count must run before jax is imported.")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    if platform_name:
+        os.environ.setdefault("JAX_PLATFORMS", platform_name)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("FNC_JAX_BENCH_CACHE") or os.path.join(base, "fnc_jax_benchmarks", "xla")
+
+
+def add_cache_flags(parser) -> None:
+    parser.add_argument(
+        "--compile-cache",
+        default=default_cache_dir(),
+        help="JAX persistent compilation cache directory (compiles dominate these benchmarks on a CPU; "
+        "env FNC_JAX_BENCH_CACHE)",
+    )
+    parser.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh")
+
+
+def enable_compile_cache(args) -> str | None:
+    """Turns on JAX's persistent compilation cache (after importing jax); returns the directory or None.
+
+    Only compile times change: a cache hit loads the same executable that a fresh compile would produce.
+    """
+    if getattr(args, "no_compile_cache", False) or not getattr(args, "compile_cache", None):
+        return None
+    import jax
+
+    os.makedirs(args.compile_cache, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return args.compile_cache
+
+
+def machine() -> dict[str, Any]:
+    """Where and when the numbers were taken."""
+    info: dict[str, Any] = {
+        "processor": platform.processor() or platform.machine(),
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "python": platform.python_version(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    try:
+        info["load_average_1min"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    model_name = _cpu_model_name()
+    if model_name:
+        info["cpu_model"] = model_name
+    if "jax" in sys.modules:
+        import jax
+
+        devices = jax.devices()
+        info.update(
+            jax_version=jax.__version__,
+            backend=jax.default_backend(),
+            device_kind=devices[0].device_kind,
+            num_devices_in_process=len(devices),
+        )
+    return info
+
+
+def _cpu_model_name() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def emit(result: dict[str, Any], output: str | None = None) -> None:
+    """Prints the one JSON object on stdout (and writes it to `output` if given)."""
+    text = json.dumps(result, indent=2, sort_keys=False, default=_json_default)
+    if output:
+        with open(output, "w") as f:
+            f.write(text + "\n")
+    print(text, flush=True)
+
+
+def _json_default(x: Any) -> Any:
+    if hasattr(x, "item"):
+        return x.item()
+    if isinstance(x, tuple):
+        return list(x)
+    return str(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs.
+
+
+def small_config(
+    *,
+    depth: int = 18,
+    width: float = 0.25,
+    image_size: int = 32,
+    batch: int = 64,
+    views: int = 4,
+    memory_multiplier: int = 0,
+    fn_mode: str = "attraction",
+    dtype: str = "float32",
+    proj_out_dim: int = 128,
+):
+    """The base (official) config with the shapes of a benchmark; everything else stays official."""
+    from fnc_jax.config_base import pretrain_config
+
+    c = pretrain_config()
+    c.batch_size = batch
+    c.dtype = dtype
+    c.data.image_size = image_size
+    c.views.support_size = views - 2
+    c.model.depth = depth
+    c.model.width_multiplier = width
+    c.model.proj_out_dim = proj_out_dim
+    c.fn.mode = fn_mode
+    c.memory.multiplier = memory_multiplier
+    if image_size <= 32:  # RandAugment is off at CIFAR sizes (configs/cifar10.py); irrelevant to the step
+        c.augment.use_randaugment = False
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# The train step, built as `train.pretrain` builds it.
+
+
+@dataclasses.dataclass
+class StepBundle:
+    config: Any
+    mesh: Any
+    model: Any
+    ema_model: Any
+    tx: Any
+    schedule: Any
+    settings: Any
+    step_fn: Any  # jax.jit(train_step, donate_argnums=0, out_shardings=replicated)
+    num_classes: int
+
+    @property
+    def num_views(self) -> int:
+        return 2 + self.config.views.support_size
+
+
+def build_step(config, mesh, *, num_classes: int = 10, num_train: int = IMAGENET_TRAIN_EXAMPLES) -> StepBundle:
+    """Validation, schedule, models, optimiser and the jitted step, as in `train.pretrain`."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from fnc_jax import configuration, optim, parallel, train
+
+    fn = configuration.validate_pretrain(config, num_devices=mesh.size)
+    schedule, _, _ = train.schedule_for(config, num_train)
+    probe = bool(config.model.online_probe) and num_classes > 0
+    model = train.build_model(config, num_classes if probe else 0)
+    ema_model = train.build_model(config, 0)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 3)), train=False))
+    tx = optim.create_optimizer(
+        name=config.optim.name,
+        schedule=schedule,
+        weight_decay=config.optim.weight_decay,
+        momentum=config.optim.momentum,
+        trust_coefficient=config.optim.trust_coefficient,
+        params=abstract["params"],
+    )
+    settings = train.StepSettings.from_config(config, fn, probe)
+    replicated = parallel.replicated(mesh)
+    step_fn = jax.jit(
+        functools.partial(
+            train.train_step, model=model, ema_model=ema_model, tx=tx, schedule=schedule, settings=settings, mesh=mesh
+        ),
+        donate_argnums=0,
+        out_shardings=(replicated, replicated),
+    )
+    return StepBundle(config, mesh, model, ema_model, tx, schedule, settings, step_fn, num_classes if probe else 0)
+
+
+def init_state(bundle: StepBundle):
+    """The concrete initial state, replicated (as `train.pretrain` creates it)."""
+    import functools
+
+    import jax
+
+    from fnc_jax import parallel, train
+
+    init = functools.partial(train.init_state, bundle.config, bundle.model, bundle.ema_model, bundle.tx)
+    return jax.jit(init, out_shardings=parallel.replicated(bundle.mesh))()
+
+
+def abstract_state(bundle: StepBundle):
+    """ShapeDtypeStructs of the state with replicated shardings: lowering without allocating anything."""
+    import functools
+
+    import jax
+
+    from fnc_jax import parallel, train
+
+    init = functools.partial(train.init_state, bundle.config, bundle.model, bundle.ema_model, bundle.tx)
+    shapes = jax.eval_shape(init)
+    sharding = parallel.replicated(bundle.mesh)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def batch_shapes(config) -> dict[str, tuple[tuple[int, ...], Any]]:
+    import numpy as np
+
+    size = config.data.image_size
+    views = 2 + config.views.support_size
+    return {
+        "images": ((config.batch_size, views, size, size, 3), np.float32),
+        "labels": ((config.batch_size,), np.int32),
+    }
+
+
+def abstract_batch(config, mesh):
+    import jax
+
+    from fnc_jax import parallel
+
+    sharding = parallel.batch_sharded(mesh)
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in batch_shapes(config).items()}
+
+
+def random_batch(config, mesh, *, num_classes: int, seed: int = 0):
+    """A synthetic global batch on the devices, sharded over the sample axis like the real input."""
+    import jax
+    import numpy as np
+
+    from fnc_jax import parallel
+
+    rng = np.random.default_rng(seed)
+    shapes = batch_shapes(config)
+    host = {
+        "images": rng.random(shapes["images"][0], dtype=np.float32),
+        "labels": rng.integers(0, max(num_classes, 1), shapes["labels"][0]).astype(np.int32),
+    }
+    return jax.device_put(host, parallel.batch_sharded(mesh))
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile statistics and timing.
+
+
+def compile_stats(compiled) -> dict[str, Any]:
+    """`cost_analysis()` FLOPs / bytes and `memory_analysis()` sizes of a compiled executable (per device)."""
+    out: dict[str, Any] = {}
+    try:
+        cost = compiled.cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0] if cost else {}
+        if cost and "flops" in cost:
+            out["flops"] = float(cost["flops"])
+        if cost and "bytes accessed" in cost:
+            out["bytes_accessed"] = float(cost["bytes accessed"])
+    except Exception as e:  # not every backend implements it
+        out["cost_analysis_error"] = f"{type(e).__name__}: {e}"
+    try:
+        m = compiled.memory_analysis()
+        mem = {
+            "temp_bytes": int(m.temp_size_in_bytes),
+            "argument_bytes": int(m.argument_size_in_bytes),
+            "output_bytes": int(m.output_size_in_bytes),
+            "alias_bytes": int(m.alias_size_in_bytes),
+            "generated_code_bytes": int(m.generated_code_size_in_bytes),
+        }
+        mem["peak_estimate_bytes"] = (
+            mem["temp_bytes"] + mem["argument_bytes"] + mem["output_bytes"] - mem["alias_bytes"]
+        )
+        out["memory"] = mem
+    except Exception as e:
+        out["memory_analysis_error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def block(x: Any) -> Any:
+    import jax
+
+    return jax.block_until_ready(x)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1, min_time: float = 0.0
+) -> dict[str, list[float]]:
+    """Wall times of each zero-argument callable, run round-robin so that load changes hit all alike.
+
+    Each callable must return what to block on. `warmup` rounds are run first and discarded; each
+    timed sample repeats the call until `min_time` seconds have passed and reports the mean per call.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            block(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            calls, start = 0, time.perf_counter()
+            while True:
+                block(fn())
+                calls += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_time:
+                    break
+            times[name].append(elapsed / calls)
+    return times
+
+
+def summarize(samples: list[float]) -> dict[str, Any]:
+    return {
+        "median_s": statistics.median(samples),
+        "min_s": min(samples),
+        "times_s": [round(t, 6) for t in samples],
+    }
