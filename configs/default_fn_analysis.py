@@ -7,8 +7,9 @@ Hardware: any laptop CPU; about a minute. 768 of the 1,000 held-out digits, shuf
 256 (the candidate pool, as the quickstart's training batch), each image with 2 + 2 views from the quickstart's pretraining
 augmentation; precision / recall of the identified false negatives (same digit as the anchor) over
 top-k x threshold x max/mean x support size, similarity histograms and PNG plots in the workdir.
-Chance precision is ~10% (10 balanced classes); the paper's ImageNet figure (~40% of 1000 classes) is
-`configs/imagenet_fn_analysis.py`.
+Chance precision is ~10% (10 balanced classes). Measured (seed 0, ~1 min): top-10 ∩ cos > 0.7 with max
+over 4 views selects 9.8 candidates per anchor at 50.6% precision (4.9% recall); top-1 at 53%. The
+paper's ImageNet figure (~40% of 1000 classes) is `configs/imagenet_fn_analysis.py`.
 """
 
 from fnc_jax.config_base import eval_config

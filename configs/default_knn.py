@@ -5,7 +5,8 @@ Command (after `python -m fnc_jax.main --config=configs/default.py --workdir=/tm
 
 Hardware: any laptop CPU; under a minute. Pooled encoder features (BatchNorm in inference mode) of the
 4,000 training and 1,000 held-out digits, l2-normalised; the training rows are sharded over the
-devices and each device's top-k is merged. No paper number.
+devices and each device's top-k is merged. Measured (seed 0): 80.5% top-1 at k = 20, 75.3% at k = 200,
+the same as the quickstart's final report (same features). No paper number.
 """
 
 from fnc_jax.config_base import eval_config

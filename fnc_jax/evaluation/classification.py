@@ -315,7 +315,8 @@ def train(
     state = init_state(protocol, variables, hparams, mesh)
     store = checkpoints.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
     if store.latest_step() is not None:
-        state = store.restore(state)
+        # The schedule and weight decay follow the current config (total_steps / epochs may change on resume).
+        state = store.restore(state).replace(hparams=state.hparams)
         logging.info("Resumed %s from step %d in %s", protocol.kind, int(state.step), workdir)
     start_step = int(state.step)
     writer = metric_writers.create_default_writer(str(workdir), just_logging=process_index > 0)

@@ -84,8 +84,8 @@ class _Meter:
         self.what, self.total, self.batch_size, self.every = what, total, batch_size, every
         self.start = time.time()
 
-    def tick(self, done: int) -> None:
-        if done % self.every and done != self.total:
+    def tick(self, done: int, *, final: bool = False) -> None:
+        if done % self.every and done != self.total and not final:
             return
         elapsed = max(time.time() - self.start, 1e-9)
         rate = done * self.batch_size / elapsed
@@ -125,6 +125,8 @@ def extract(
         labels.append(got["y"])
         masks.append(got["m"])
         meter.tick(i)
+    if i % meter.every:
+        meter.tick(i, final=True)
     keep = np.concatenate(masks) > 0
     return np.concatenate(outs)[keep], np.concatenate(labels)[keep].astype(np.int32)
 

@@ -275,6 +275,7 @@ def test_trainable_prefixes_and_schedule():
 def test_linear_eval_end_to_end(pretrained, tiny_data, tmp_path):
     c = eval_config("default_linear_eval", pretrained, tiny_data)
     c.total_steps = 24
+    c.optim.base_lr = 0.05  # 10x the recipe: a handful of steps on random features
     workdir = tmp_path / "linear"
     results = evaluate.run(c, str(workdir))
     on_disk = json.loads((workdir / "results.json").read_text())
