@@ -30,7 +30,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from clu import metric_writers
 from etils import epath
-from jax.experimental import multihost_utils
 
 from fnc_jax import checkpoints, configuration, parallel
 from fnc_jax.data import sources
@@ -52,8 +51,12 @@ def _print(line: str) -> None:
 
 
 def _sync(name: str) -> None:
+    """All processes wait here: a coordination-service barrier, not a device collective (a CPU/gloo
+    collective fails when a peer arrives over 30 s late, and evaluations write files in between)."""
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+        ocp.multihost.sync_global_processes(
+            f"fnc_jax_eval_{name}".replace(" ", "_"), timeout=1800, processes=set(range(jax.process_count()))
+        )
 
 
 def build_classifier(config: ml_collections.ConfigDict, num_classes: int, *, bn_momentum: float = 0.9) -> ClassifierModel:
