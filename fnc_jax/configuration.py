@@ -14,7 +14,7 @@ import ml_collections
 from fnc_jax.objectives import FNConfig
 
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
-MODES = ("pretrain", "linear_eval", "finetune", "knn", "fn_analysis")
+MODES = ("pretrain", "linear_eval", "finetune", "knn", "fn_analysis", "transfer")
 DTYPES = ("float32", "bfloat16")
 LR_SCALINGS = ("sqrt", "linear", "none")
 OPTIMIZERS = ("lars", "sgd_nesterov", "adamw")
