@@ -440,7 +440,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *, start_over: boo
     if process_index == 0 and start_step > 0 and history_path.exists():
         # A resumed run keeps the history up to its checkpoint (steps after it are trained again).
         history = [h for h in json.loads(history_path.read_text())["history"] if h["step"] <= start_step]
-    last_metrics: dict[str, float] = {}
+    # A finished run started again (e.g. with new eval settings) reports its last logged window again.
+    last_metrics: dict[str, float] = {k: v for k, v in history[-1].items() if k != "step"} if history else {}
     if start_step < total_steps:
         first = next(batches)
         t0 = time.time()
