@@ -28,6 +28,10 @@ IMAGENET_TRAIN_EXAMPLES = 1_281_167
 
 
 _T0 = time.time()
+try:
+    _LOAD0 = os.getloadavg()[0]  # the machine's load when the benchmark started
+except OSError:
+    _LOAD0 = None
 
 
 def log(*args: Any) -> None:
@@ -93,6 +97,7 @@ def machine() -> dict[str, Any]:
     }
     try:
         info["load_average_1min"] = os.getloadavg()[0]
+        info["load_average_1min_at_start"] = _LOAD0
     except OSError:
         pass
     model_name = _cpu_model_name()
@@ -333,12 +338,19 @@ def block(x: Any) -> Any:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1, min_time: float = 0.0
+    fns: dict[str, Callable[[], Any]],
+    *,
+    repeats: int,
+    warmup: int = 1,
+    min_time: float = 0.0,
+    cpu_times: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Wall times of each zero-argument callable, run round-robin so that load changes hit all alike.
 
     Each callable must return what to block on. `warmup` rounds are run first and discarded; each
     timed sample repeats the call until `min_time` seconds have passed and reports the mean per call.
+    If `cpu_times` is given it receives this process's CPU seconds (all threads) per call, a measure
+    that other processes competing for the cores inflate much less than wall time.
     """
     for _ in range(warmup):
         for fn in fns.values():
@@ -346,7 +358,7 @@ def time_interleaved(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            calls, start = 0, time.perf_counter()
+            calls, start, cpu_start = 0, time.perf_counter(), time.process_time()
             while True:
                 block(fn())
                 calls += 1
@@ -354,6 +366,8 @@ def time_interleaved(
                 if elapsed >= min_time:
                     break
             times[name].append(elapsed / calls)
+            if cpu_times is not None:
+                cpu_times.setdefault(name, []).append((time.process_time() - cpu_start) / calls)
     return times
 
 

@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default="configs/imagenet.py")
     p.add_argument("--quick", action="store_true", help="fewer steps (the CPU path is tiny anyway)")
     p.add_argument("--force-tiny", action="store_true", help="the tiny model even on an accelerator")
+    p.add_argument("--assume-bytes-limit", type=int, help="pretend the device has this much memory (tests the "
+                   "batch search on a CPU, which reports no limit)")
     p.add_argument("--output", help="also write the JSON here")
     common.add_cache_flags(p)
     return p.parse_args(argv)
@@ -88,7 +90,7 @@ def main(argv=None) -> dict[str, Any]:
     mesh = parallel.create_mesh([device])
     views = 2 + config.views.support_size
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    limit = (stats or {}).get("bytes_limit")
+    limit = args.assume_bytes_limit or (stats or {}).get("bytes_limit")
     kind = device.device_kind
     peak = next((v for k, v in train.PEAK_FLOPS.items() if k in kind), None)
     common.log(f"{kind} ({platform}), memory limit {limit}, peak {peak}; ResNet-{config.model.depth} "
@@ -136,16 +138,23 @@ def main(argv=None) -> dict[str, Any]:
                              "predicted_largest_fitting": start})
 
     chosen = None
+    longest_compile = max((c[3] for c in compiled_cache.values()), default=0.0)
     for batch in order:
-        if time.time() - t_start > args.time_budget and chosen is None and attempts and batch != order[-1]:
-            common.log(f"time budget spent: skipping to the smallest candidate {order[-1]}")
+        remaining = args.time_budget - (time.time() - t_start)
+        if batch not in compiled_cache and remaining < 1.2 * longest_compile + 30 and any(
+            b in compiled_cache for b in order
+        ):
+            common.log(f"batch {batch}: no time left in the budget for another compile; trying a compiled one")
+            attempts.append({"batch": batch, "result": "skipped_time_budget"})
             continue
         entry: dict[str, Any] = {"batch": batch}
         attempts.append(entry)
+        state = data = metrics = None
         try:
             if batch not in compiled_cache:
                 common.log(f"compiling batch {batch}")
                 compiled_cache[batch] = build(batch)
+                longest_compile = max(longest_compile, compiled_cache[batch][3])
             cfg, bundle, compiled, compile_s, lowered_flops = compiled_cache[batch]
             entry["compile_s"] = round(compile_s, 1)
             cstats = common.compile_stats(compiled)
@@ -197,6 +206,8 @@ def main(argv=None) -> dict[str, Any]:
             entry["error"] = str(err).splitlines()[0][:300]
             common.log(f"batch {batch}: out of memory")
             compiled_cache.pop(batch, None)
+            state = data = metrics = None  # free this attempt's buffers before the next one
+            del err
             gc.collect()
 
     result: dict[str, Any] = {

@@ -32,7 +32,9 @@ Variants, at 224 px (V = 10 views per image, the official recipe) and at 32 px (
 (converted to float32); + the legacy bicubic resize to 224 px; + flip/clip (= the on_device host work); + colour jitter and grayscale (= pretrain_host); +
 RandAugment (= official) — and each stage's marginal cost per view, to show what limits the on_device
 speed-up (the issue targets >= 3x views/s per core with on_device vs host colour work). One alternative
-stage (not the recipe) prices a bilinear resize in place of the legacy bicubic one.
+stage (not the recipe) prices a bilinear resize in place of the legacy bicubic one; two more emit the
+whole views batched into numpy (float32 as the pipeline does, and uint8 as an alternative) instead of
+per-view means, pricing the output path.
 """
 
 from __future__ import annotations
@@ -55,7 +57,11 @@ COLOUR_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field"
 VARIANTS_224 = ("pretrain_host_randaugment", "pretrain_host", "pretrain_on_device_colour", "eval")
 VARIANTS_32 = ("pretrain_host_randaugment", "pretrain_host", "pretrain_on_device_colour", "eval")
 STAGES = ("decode", "decode_crop", "decode_crop_resize", "host_part_on_device_mode", "host_colour_no_randaugment",
-          "host_colour_randaugment", "alternative_decode_crop_resize_bilinear")
+          "host_colour_randaugment", "alternative_decode_crop_resize_bilinear",
+          "host_part_on_device_mode_batched_float32", "alternative_host_part_on_device_mode_batched_uint8")
+# Stages that output the whole views (batched into numpy, as the pipeline does) instead of per-view means.
+FULL_OUTPUT = {"host_part_on_device_mode_batched_float32": "float32",
+               "alternative_host_part_on_device_mode_batched_uint8": "uint8"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -171,7 +177,8 @@ def worker(specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     results = {}
     for name, spec in specs.items():
         print(f"  worker: {name}", file=sys.stderr, flush=True)
-        out = _run_stage(spec, tf) if spec["kind"] == "stage" else _run_pipeline(spec)
+        run = {"stage": _run_stage, "device": _run_device, "pipeline": _run_pipeline}[spec["kind"]]
+        out = run(spec, tf)
         out["cpus"] = cpus
         results[name] = out
         gc.collect()  # drops the finished iterator (and its tf.data threads) before the next measurement
@@ -214,7 +221,35 @@ def _time_iterator(make_iter, warmup: int, batches: int) -> dict[str, float]:
     return {"build_s": build, "wall_s_per_batch": wall, "cpu_s_per_batch": cpu, "cpu_utilisation": cpu / wall}
 
 
-def _run_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
+def _run_device(spec: dict[str, Any], tf) -> dict[str, Any]:
+    """The device half of `augment.on_device` (augment_jax.pretrain_device_augment), jitted by XLA on this
+    pinned CPU core: what the colour work costs once it is moved off the tf.data host path."""
+    del tf
+    import jax
+    import numpy as np
+
+    from fnc_jax.data import augment_jax
+
+    n, size = spec["images_per_batch"], spec["image_size"]
+    images = jax.device_put(np.random.default_rng(0).random((n, size, size, 3), dtype=np.float32))
+    fn = jax.jit(lambda x, k: augment_jax.pretrain_device_augment(
+        x, k, color_on_device=spec["color_on_device"], blur=spec["blur"]))
+    key = jax.random.PRNGKey(0)
+    fn(images, key).block_until_ready()
+
+    def batches():
+        i = 0
+        while True:
+            i += 1
+            yield fn(images, jax.random.fold_in(key, i)).block_until_ready()
+
+    out = _time_iterator(batches, spec["warmup"], spec["batches"])
+    out["images_per_cpu_s"] = n / out["cpu_s_per_batch"]
+    out["images_per_wall_s"] = n / out["wall_s_per_batch"]
+    return out
+
+
+def _run_pipeline(spec: dict[str, Any], tf=None) -> dict[str, Any]:
     from fnc_jax.data import pipeline
 
     config = _config(spec)
@@ -264,13 +299,19 @@ def _run_stage(spec: dict[str, Any], tf) -> dict[str, Any]:
                 view = augment.pretrain_view(
                     image, view_seed, image_size=size,
                     use_randaugment=stage == "host_colour_randaugment",
-                    color_on_device=stage == "host_part_on_device_mode",
+                    color_on_device=stage.startswith(("host_part_on_device_mode", "alternative_host_part")),
                 )
-            return tf.reduce_mean(tf.ensure_shape(view, (size, size, 3)), axis=[0, 1])  # computed, not copied
+            view = tf.ensure_shape(view, (size, size, 3))
+            if stage in FULL_OUTPUT:  # the whole view leaves the map (float32, or uint8 as an alternative)
+                return view if FULL_OUTPUT[stage] == "float32" else tf.image.convert_image_dtype(view, tf.uint8)
+            return tf.reduce_mean(view, axis=[0, 1])  # computed, not copied
 
+        out_spec = tf.TensorSpec((3,), tf.float32)
+        if stage in FULL_OUTPUT:
+            out_spec = tf.TensorSpec((size, size, 3), tf.dtypes.as_dtype(FULL_OUTPUT[stage]))
         seeds = tf.map_fn(lambda v: tf.random.experimental.stateless_fold_in(seed, v),
                           tf.range(views, dtype=tf.int64), fn_output_signature=tf.TensorSpec((2,), tf.int64))
-        return tf.map_fn(one, seeds, fn_output_signature=tf.TensorSpec((3,), tf.float32))
+        return tf.map_fn(one, seeds, fn_output_signature=out_spec)
 
     @tf.autograph.experimental.do_not_convert
     def work(position, data):
@@ -279,7 +320,7 @@ def _run_stage(spec: dict[str, Any], tf) -> dict[str, Any]:
         if stage == "decode":
             return tf.cast(image[0, 0], tf.float32)  # forces the decode, outputs almost nothing
         seed = tf.stack([position, tf.constant(7, tf.int64)])
-        return views_of(image, seed)  # (V, 3) per-view means: every view is computed
+        return views_of(image, seed)  # (V, 3) per-view means (every view is computed), or the views
 
     dataset = (
         tf.data.Dataset.from_tensor_slices(encoded).repeat().enumerate()
@@ -335,6 +376,9 @@ def main(argv=None) -> dict[str, Any]:
             specs[f"32px/{v}"] = {**base, "kind": "pipeline", "variant": v, "image_size": 32,
                                   "views": args.views_32, "data_dir": os.path.join(root, "32"),
                                   "images_per_batch": args.images_per_batch * 4, "batches": args.batches * 2}
+        for name, colour, blur in (("colour_jitter_grayscale", True, False), ("blur", False, True)):
+            specs[f"device/{name}"] = {**base, "kind": "device", "image_size": 224, "color_on_device": colour,
+                                       "blur": blur, "images_per_batch": 16}
         if not args.no_stages:
             for s in STAGES:
                 specs[f"stages/{s}"] = {**base, "kind": "stage", "stage": s, "image_size": 224,
@@ -352,12 +396,12 @@ def main(argv=None) -> dict[str, Any]:
         rs = runs[name]
         spec = specs[name]
         cores = len(rs[0]["cpus"])
-        views = 1 if spec.get("variant") == "eval" else spec["views"]
+        views = 1 if spec.get("variant") == "eval" or spec["kind"] == "device" else spec["views"]
         per_cpu = statistics.median(x["images_per_cpu_s"] for x in rs)
         wall = statistics.median(x["images_per_wall_s"] for x in rs)
         out = {
             "image_size": spec["image_size"],
-            "views_per_image": views,
+            "views_per_image": views,  # device kind: one "image" = one view
             "images_per_batch": spec["images_per_batch"],
             "timed_batches": spec["batches"],
             "cpus": rs[0]["cpus"],
@@ -368,7 +412,7 @@ def main(argv=None) -> dict[str, Any]:
             "images_per_s_per_core_runs": [round(x["images_per_cpu_s"], 3) for x in rs],
             "pipeline_build_s": round(statistics.median(x["build_s"] for x in rs), 2),
         }
-        if spec["kind"] == "pipeline":
+        if spec["kind"] in ("pipeline", "device"):
             out["views_per_s_per_core"] = per_cpu * views
             out["views_per_s_wall"] = wall * views
         else:
@@ -376,6 +420,12 @@ def main(argv=None) -> dict[str, Any]:
         return out
 
     pipelines = {k: summary(k) for k in specs if specs[k]["kind"] == "pipeline"}
+    device = {}
+    for k in specs:
+        if specs[k]["kind"] == "device":
+            d = summary(k)
+            d["ms_per_view_per_core"] = 1000 / d["images_per_s_per_core"]
+            device[k.split("/", 1)[1]] = d
     ratios = {}
     for px in ("224px", "32px"):
         def vps(v):
@@ -402,6 +452,12 @@ def main(argv=None) -> dict[str, Any]:
                      "tf_threading": "intra/inter-op = cores; process pinned with sched_setaffinity"},
         "pipelines": pipelines,
         "ratios": ratios,
+        "device_side_on_this_cpu": {
+            **device,
+            "note": "augment_jax.pretrain_device_augment jitted by XLA on one pinned CPU core, 224 px, per view: "
+            "the work augment.on_device adds to the train step (on an accelerator it is a few memory-bound "
+            "elementwise passes). Blur runs on the device in every mode.",
+        },
         "target": {"on_device_over_host_views_per_core": 3.0},
     }
     if not args.no_stages:
@@ -418,6 +474,10 @@ def main(argv=None) -> dict[str, Any]:
         }
         marginal["alternative_bilinear_resize_per_view"] = (
             ms["alternative_decode_crop_resize_bilinear"] - ms["decode_crop"]) / v
+        marginal["float32_views_out_batched_per_view"] = (
+            ms["host_part_on_device_mode_batched_float32"] - ms["host_part_on_device_mode"]) / v
+        marginal["alternative_uint8_views_out_batched_per_view"] = (
+            ms["alternative_host_part_on_device_mode_batched_uint8"] - ms["host_part_on_device_mode"]) / v
         per_view_on_device = ms["host_part_on_device_mode"] / v
         per_view_host = ms["host_colour_no_randaugment"] / v
         result["stages_224px"] = {

@@ -99,6 +99,8 @@ def test_input_pipeline_benchmark_quick():
         assert len(p["cpus"]) == r["settings"]["cores_per_worker"]
         assert p["views_per_image"] == (1 if name.endswith("eval") else (10 if name.startswith("224") else 4))
     assert all(positive(x) for x in r["ratios"].values())
+    d = r["device_side_on_this_cpu"]
+    assert positive(d["colour_jitter_grayscale"]["ms_per_view_per_core"]) and positive(d["blur"]["ms_per_view_per_core"])
     s = r["stages_224px"]
     assert all(positive(v["ms_per_image_per_core"]) for v in s["cumulative"].values())
     assert positive(s["stage_speedup_on_device_over_host"])
@@ -106,7 +108,8 @@ def test_input_pipeline_benchmark_quick():
 
 @pytest.mark.slow
 def test_gpu_step_benchmark_quick_on_cpu():
-    r = run_benchmark("gpu_step")
+    # A pretend 60 MB device: the probe compile at the smallest batch (8) predicts that 16 does not fit.
+    r = run_benchmark("gpu_step", "--assume-bytes-limit", "60000000")
     assert r["benchmark"] == "gpu_step" and r["tiny_model"] is True  # no accelerator in the tests
     check_machine(r["machine"])
     res = r["result"]
@@ -117,3 +120,6 @@ def test_gpu_step_benchmark_quick_on_cpu():
     assert r["shapes"]["dtype"] == "bfloat16"
     assert res["mfu"] is None  # no peak is known for a CPU
     assert any(a.get("result") == "ok" for a in r["attempts"])
+    probe = r["attempts"][0]
+    assert probe["probe"] is True and probe["batch"] == 8 and probe["predicted_largest_fitting"] == 8
+    assert res["per_device_batch"] == 8
