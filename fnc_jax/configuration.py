@@ -144,6 +144,12 @@ def validate_pretrain(config: ml_collections.ConfigDict, *, num_devices: int, nu
         raise _invalid("fn.support_as_positives", False, "True when memory.multiplier > 0")
     _number(config, "ema.decay", 0.0, 1.0)
     _choice(config, "ema.init", EMA_INITS)
+    validate_augment(config)
+    return fn
+
+
+def validate_augment(config: ml_collections.ConfigDict) -> None:
+    """The pretraining-view augmentation (`config.augment`), shared by pretraining and the FN analysis."""
     aug = config.augment
     _number(config, "augment.color_strength", 0.0)
     _choice(config, "augment.blur_sigma", BLUR_SIGMAS)
@@ -158,7 +164,6 @@ def validate_pretrain(config: ml_collections.ConfigDict, *, num_devices: int, nu
     area = tuple(aug.area_range)
     if len(area) != 2 or not 0 < area[0] <= area[1] <= 1:
         raise _invalid("augment.area_range", area, "pairs (low, high) with 0 < low <= high <= 1")
-    return fn
 
 
 def changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:

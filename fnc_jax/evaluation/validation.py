@@ -176,16 +176,5 @@ def _validate_fn_analysis(config: ml_collections.ConfigDict) -> None:
     _integer(config, "fn_analysis.histogram_bins", 1)
     if not isinstance(analysis.save_embeddings, bool):
         raise _invalid("fn_analysis.save_embeddings", analysis.save_embeddings, "True or False")
-    aug = config.augment
-    _number(config, "augment.color_strength", 0.0)
-    _choice(config, "augment.blur_sigma", configuration.BLUR_SIGMAS)
-    _number(config, "augment.solarize_p", 0.0, 1.0)
-    if aug.on_device and aug.use_randaugment:
-        raise ValueError(
-            "config.augment.on_device=True needs config.augment.use_randaugment=False: allowed are "
-            "on_device=False, or use_randaugment=False."
-        )
-    area = tuple(aug.area_range)
-    if len(area) != 2 or not 0 < area[0] <= area[1] <= 1:
-        raise _invalid("augment.area_range", area, "pairs (low, high) with 0 < low <= high <= 1")
+    configuration.validate_augment(config)
 
