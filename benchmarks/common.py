@@ -222,7 +222,7 @@ def build_step(config, mesh, *, num_classes: int = 10, num_train: int = IMAGENET
         trust_coefficient=config.optim.trust_coefficient,
         params=abstract["params"],
     )
-    settings = train.StepSettings.from_config(config, fn, probe)
+    settings = train.StepSettings.from_config(config, fn, probe, mesh.size)
     replicated = parallel.replicated(mesh)
     step_fn = jax.jit(
         functools.partial(

@@ -29,12 +29,13 @@ Variants, at 224 px (V = 10 views per image, the official recipe) and at 32 px (
 
 `stages` (224 px, same pinning): cumulative host work per image with V views, using the functions of
 `fnc_jax.data.augment` directly on in-memory JPEG bytes — decode; + V crop boxes sampled and sliced
-(converted to float32); + the legacy bicubic resize to 224 px; + flip/clip (= the on_device host work); + colour jitter and grayscale (= pretrain_host); +
-RandAugment (= official) — and each stage's marginal cost per view, to show what limits the on_device
-speed-up (the issue targets >= 3x views/s per core with on_device vs host colour work). One alternative
-stage (not the recipe) prices a bilinear resize in place of the legacy bicubic one; two more emit the
-whole views batched into numpy (float32 as the pipeline does, and uint8 as an alternative) instead of
-per-view means, pricing the output path.
+(converted to float32); + the legacy bicubic resize to 224 px; + flip/clip; + colour jitter and
+grayscale (= pretrain_host); + RandAugment (= official) — and each stage's marginal cost per view, to
+show what limits the on_device speed-up (the issue targets >= 3x views/s per core with on_device vs host
+colour work). `host_part_on_device_mode` is the on_device host work itself (uint8 crop, resize, round
+to uint8, flip). One alternative stage (not the recipe) prices a bilinear resize in place of the legacy
+bicubic one; two more emit the whole views batched into numpy (uint8 in on_device mode, float32 with
+host colour, as the pipeline does) instead of per-view means, pricing the output path.
 """
 
 from __future__ import annotations
@@ -56,12 +57,11 @@ COLOUR_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field"
                  "colorwheel")
 VARIANTS_224 = ("pretrain_host_randaugment", "pretrain_host", "pretrain_on_device_colour", "eval")
 VARIANTS_32 = ("pretrain_host_randaugment", "pretrain_host", "pretrain_on_device_colour", "eval")
-STAGES = ("decode", "decode_crop", "decode_crop_resize", "host_part_on_device_mode", "host_colour_no_randaugment",
-          "host_colour_randaugment", "alternative_decode_crop_resize_bilinear",
-          "host_part_on_device_mode_batched_float32", "alternative_host_part_on_device_mode_batched_uint8")
+STAGES = ("decode", "decode_crop", "decode_crop_resize", "decode_crop_resize_flip_clip", "host_part_on_device_mode",
+          "host_colour_no_randaugment", "host_colour_randaugment", "alternative_decode_crop_resize_bilinear",
+          "host_part_on_device_mode_batched", "host_colour_no_randaugment_batched")
 # Stages that output the whole views (batched into numpy, as the pipeline does) instead of per-view means.
-FULL_OUTPUT = {"host_part_on_device_mode_batched_float32": "float32",
-               "alternative_host_part_on_device_mode_batched_uint8": "uint8"}
+FULL_OUTPUT = {"host_part_on_device_mode_batched": "uint8", "host_colour_no_randaugment_batched": "float32"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -256,13 +256,9 @@ def _run_pipeline(spec: dict[str, Any], tf=None) -> dict[str, Any]:
     if spec["variant"] == "eval":  # one pass; the validation split holds enough images for the timed batches
         def make():
             return pipeline.eval_iterator(config, split="validation", process_index=0, process_count=1)
-
-        views_per_image = 1
     else:
         def make():
             return pipeline.pretrain_iterator(config, process_index=0, process_count=1)
-
-        views_per_image = spec["views"]
     out = _time_iterator(make, spec["warmup"], spec["batches"])
     out["images_per_cpu_s"] = spec["images_per_batch"] / out["cpu_s_per_batch"]
     out["images_per_wall_s"] = spec["images_per_batch"] / out["wall_s_per_batch"]
@@ -292,19 +288,21 @@ def _run_stage(spec: dict[str, Any], tf) -> dict[str, Any]:
                 crop = tf.image.convert_image_dtype(tf.slice(image, begin, crop_size), tf.float32)
                 view = tf.image.resize(crop, (size, size), method="bilinear", antialias=False)
                 return tf.reduce_mean(view, axis=[0, 1])
-            if stage == "decode_crop_resize":
-                crop_seed = augment._split(view_seed, 6)[0]
+            if stage.startswith("decode_crop_resize"):
+                crop_seed, flip_seed = augment._split(view_seed, 6)[:2]
                 view = augment.random_resized_crop(image, crop_seed, size=size)
+                if stage == "decode_crop_resize_flip_clip":  # the float host path before any colour work
+                    view = tf.clip_by_value(augment.random_flip(view, flip_seed), 0.0, 1.0)
             else:
                 view = augment.pretrain_view(
                     image, view_seed, image_size=size,
                     use_randaugment=stage == "host_colour_randaugment",
-                    color_on_device=stage.startswith(("host_part_on_device_mode", "alternative_host_part")),
+                    color_on_device=stage.startswith("host_part_on_device_mode"),
                 )
             view = tf.ensure_shape(view, (size, size, 3))
-            if stage in FULL_OUTPUT:  # the whole view leaves the map (float32, or uint8 as an alternative)
-                return view if FULL_OUTPUT[stage] == "float32" else tf.image.convert_image_dtype(view, tf.uint8)
-            return tf.reduce_mean(view, axis=[0, 1])  # computed, not copied
+            if stage in FULL_OUTPUT:  # the whole view leaves the map, as in the pipeline
+                return view
+            return tf.reduce_mean(tf.cast(view, tf.float32), axis=[0, 1])  # computed, not copied
 
         out_spec = tf.TensorSpec((3,), tf.float32)
         if stage in FULL_OUTPUT:
@@ -468,16 +466,17 @@ def main(argv=None) -> dict[str, Any]:
             "decode_per_image": ms["decode"],
             "crop_sample_slice_per_view": (ms["decode_crop"] - ms["decode"]) / v,
             "bicubic_resize_per_view": (ms["decode_crop_resize"] - ms["decode_crop"]) / v,
-            "flip_clip_per_view": (ms["host_part_on_device_mode"] - ms["decode_crop_resize"]) / v,
-            "colour_jitter_grayscale_per_view": (ms["host_colour_no_randaugment"] - ms["host_part_on_device_mode"]) / v,
+            "flip_clip_per_view": (ms["decode_crop_resize_flip_clip"] - ms["decode_crop_resize"]) / v,
+            "colour_jitter_grayscale_per_view": (
+                ms["host_colour_no_randaugment"] - ms["decode_crop_resize_flip_clip"]) / v,
             "randaugment_per_view": (ms["host_colour_randaugment"] - ms["host_colour_no_randaugment"]) / v,
         }
         marginal["alternative_bilinear_resize_per_view"] = (
             ms["alternative_decode_crop_resize_bilinear"] - ms["decode_crop"]) / v
-        marginal["float32_views_out_batched_per_view"] = (
-            ms["host_part_on_device_mode_batched_float32"] - ms["host_part_on_device_mode"]) / v
-        marginal["alternative_uint8_views_out_batched_per_view"] = (
-            ms["alternative_host_part_on_device_mode_batched_uint8"] - ms["host_part_on_device_mode"]) / v
+        marginal["uint8_views_out_batched_per_view_on_device_mode"] = (
+            ms["host_part_on_device_mode_batched"] - ms["host_part_on_device_mode"]) / v
+        marginal["float32_views_out_batched_per_view_host_colour"] = (
+            ms["host_colour_no_randaugment_batched"] - ms["host_colour_no_randaugment"]) / v
         per_view_on_device = ms["host_part_on_device_mode"] / v
         per_view_host = ms["host_colour_no_randaugment"] / v
         result["stages_224px"] = {
@@ -487,12 +486,8 @@ def main(argv=None) -> dict[str, Any]:
             "host_ms_per_view_on_device_mode": per_view_on_device,
             "host_ms_per_view_host_colour": per_view_host,
             "stage_speedup_on_device_over_host": per_view_host / per_view_on_device,
-            "shares_of_on_device_host_work": {
-                "decode": ms["decode"] / ms["host_part_on_device_mode"],
-                "crop_sample_slice": (ms["decode_crop"] - ms["decode"]) / ms["host_part_on_device_mode"],
-                "bicubic_resize": (ms["decode_crop_resize"] - ms["decode_crop"]) / ms["host_part_on_device_mode"],
-                "flip_clip": (ms["host_part_on_device_mode"] - ms["decode_crop_resize"]) / ms["host_part_on_device_mode"],
-            },
+            "stage_speedup_on_device_over_host_batched_output": ms["host_colour_no_randaugment_batched"]
+            / ms["host_part_on_device_mode_batched"],
             "method": "tf.data over in-memory JPEG bytes, map(decode + V views via tf.map_fn as in the pipeline), "
             "outputs reduced to per-view means so no batch copy is timed; marginal = difference of cumulative "
             "stages, per view (decode per image: it is shared by the V views).",

@@ -142,6 +142,7 @@ def part_functions(bundle, state, batch) -> tuple[dict[str, tuple[Any, tuple]], 
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from fnc_jax import objectives, parallel, train
+    from fnc_jax.data import augment_jax
     from fnc_jax.models import ProjectionHead, resnet_feature_dim
 
     s, mesh, model, cfg = bundle.settings, bundle.mesh, bundle.model, bundle.config
@@ -156,19 +157,18 @@ def part_functions(bundle, state, batch) -> tuple[dict[str, tuple[Any, tuple]], 
     images = batch["images"]
     labels = batch["labels"]
     flat = jax.device_put(images.reshape(b * v, *images.shape[2:]), sharded)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
     rng = jax.random.PRNGKey(2)
     projection = jax.device_put(objectives.l2_normalize(jax.random.normal(rng, (b, v, d))), sharded)
 
     jobs: dict[str, tuple[Any, tuple]] = {}
     desc: dict[str, str] = {}
 
-    if s.blur or s.color_on_device:
+    if s.augment.blur or s.augment.color_on_device:
         jobs["device_augment"] = (
-            jax.jit(lambda im, k: train._device_augment(im, k, s, n_dev), out_shardings=sharded),
+            jax.jit(lambda im, k: augment_jax.augment_views(im, k, s.augment), out_shardings=sharded),
             (images, key),
         )
-        desc["device_augment"] = "train._device_augment on the (B, V, H, W, 3) batch"
+        desc["device_augment"] = "augment_jax.augment_views on the (B, V, H, W, 3) batch"
 
     def forward(params, batch_stats, x):
         out, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])

@@ -78,15 +78,13 @@ class StepSettings:
     num_views: int
     use_memory: bool
     ema_decay: float
-    color_on_device: bool
-    color_strength: float
-    blur: bool
-    blur_per_device: bool
-    solarize_p: float
+    augment: augment_jax.ViewAugment
     probe: bool
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict, fn: FNConfig, probe: bool) -> StepSettings:
+    def from_config(
+        cls, config: ml_collections.ConfigDict, fn: FNConfig, probe: bool, num_devices: int
+    ) -> StepSettings:
         return cls(
             fn=fn,
             temperature=float(config.loss.temperature),
@@ -95,11 +93,7 @@ class StepSettings:
             num_views=configuration.num_views(config),
             use_memory=config.memory.multiplier > 0,
             ema_decay=float(config.ema.decay),
-            color_on_device=bool(config.augment.on_device),
-            color_strength=float(config.augment.color_strength),
-            blur=bool(config.augment.blur),
-            blur_per_device=config.augment.blur_sigma == "per_device",
-            solarize_p=float(config.augment.solarize_p),
+            augment=augment_jax.ViewAugment.from_config(config.augment, num_devices),
             probe=probe,
         )
 
@@ -168,21 +162,6 @@ def init_state(
     )
 
 
-def _device_augment(images: jax.Array, key: jax.Array, s: StepSettings, num_devices: int) -> jax.Array:
-    """Blur (and colour, with augment.on_device) applied to each view tensor (B, H, W, 3) separately."""
-    if not (s.blur or s.color_on_device):
-        return images
-    augment_view = functools.partial(
-        augment_jax.pretrain_device_augment,
-        color_on_device=s.color_on_device,
-        color_strength=s.color_strength,
-        blur=s.blur,
-        blur_sigma_groups=num_devices if s.blur_per_device else None,
-        solarize_p=s.solarize_p,
-    )
-    return jax.vmap(augment_view, in_axes=(1, 0), out_axes=1)(images, jax.random.split(key, images.shape[1]))
-
-
 def _contrastive_loss(
     s: StepSettings,
     mesh: jax.sharding.Mesh,
@@ -229,7 +208,7 @@ def train_step(
     """One pretraining step on a global batch {'images': (B, V, H, W, 3), 'labels': (B,)}."""
     s = settings
     key = jax.random.fold_in(state.rng, state.step)
-    images = _device_augment(batch["images"], key, s, mesh.size)
+    images = augment_jax.augment_views(batch["images"], key, s.augment)
     labels = batch["labels"]
     b, v = images.shape[:2]
     flat = images.reshape(b * v, *images.shape[2:])
@@ -420,7 +399,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *, start_over: boo
         logging.info("Resumed from step %d of %s", int(state.step), workdir)
     start_step = int(state.step)
 
-    settings = StepSettings.from_config(config, fn, probe)
+    settings = StepSettings.from_config(config, fn, probe, mesh.size)
     step_fn = jax.jit(
         functools.partial(
             train_step, model=model, ema_model=ema_model, tx=tx, schedule=schedule, settings=settings, mesh=mesh

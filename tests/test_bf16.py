@@ -54,7 +54,7 @@ def build(dtype: str):
     )
     replicated = parallel.replicated(mesh)
     state = jax.jit(functools.partial(train.init_state, config, model, ema_model, tx), out_shardings=replicated)()
-    settings = train.StepSettings.from_config(config, fn, probe=True)
+    settings = train.StepSettings.from_config(config, fn, probe=True, num_devices=mesh.size)
     step = jax.jit(
         functools.partial(
             train.train_step, model=model, ema_model=ema_model, tx=tx, schedule=schedule, settings=settings, mesh=mesh

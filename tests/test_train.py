@@ -70,7 +70,7 @@ def _step_on(config, devices, batch, steps=1, learning_rate=0.05):
     step = jax.jit(
         functools.partial(
             train.train_step, model=model, ema_model=ema_model, tx=tx, schedule=schedule,
-            settings=train.StepSettings.from_config(config, fn, probe=True), mesh=mesh,
+            settings=train.StepSettings.from_config(config, fn, probe=True, num_devices=mesh.size), mesh=mesh,
         ),
         out_shardings=(replicated, replicated),
     )

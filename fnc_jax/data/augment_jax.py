@@ -6,12 +6,14 @@ over per-image keys from `jax.random.split(key, N)`. The colour ops match the ho
 not what it computes. Blur is always done here, batched over one view tensor (training_recipe.md §2.5).
 """
 
+import dataclasses
 import functools
 import itertools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 _GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
@@ -227,3 +229,46 @@ def pretrain_device_augment(
     if blur:
         images = gaussian_blur(images, blur_key, num_sigma_groups=blur_sigma_groups, padding=blur_padding)
     return images
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewAugment:
+    """Static settings of the device part of the pretraining views (hashable: part of jit cache keys)."""
+
+    color_on_device: bool
+    color_strength: float
+    blur: bool
+    blur_sigma_groups: int | None
+    solarize_p: float
+
+    @classmethod
+    def from_config(cls, augment: ml_collections.ConfigDict, num_devices: int) -> "ViewAugment":
+        """From `config.augment`; `blur_sigma='per_device'` draws one blur sigma per device group."""
+        return cls(
+            color_on_device=bool(augment.on_device),
+            color_strength=float(augment.color_strength),
+            blur=bool(augment.blur),
+            blur_sigma_groups=num_devices if augment.blur_sigma == "per_device" else None,
+            solarize_p=float(augment.solarize_p),
+        )
+
+
+def augment_views(images: jax.Array, key: jax.Array, settings: ViewAugment) -> jax.Array:
+    """The device part of every view tensor of a host batch (B, V, H, W, 3), float32 in [0, 1].
+
+    uint8 input (what the host sends with `augment.on_device`: 4x fewer bytes to batch and copy) is
+    rescaled by 1/255 first. Each of the V view tensors gets its own key, as in the official pipeline.
+    """
+    if images.dtype == jnp.uint8:
+        images = images.astype(jnp.float32) / 255.0
+    if not (settings.blur or settings.color_on_device):
+        return images
+    one_view = functools.partial(
+        pretrain_device_augment,
+        color_on_device=settings.color_on_device,
+        color_strength=settings.color_strength,
+        blur=settings.blur,
+        blur_sigma_groups=settings.blur_sigma_groups,
+        solarize_p=settings.solarize_p,
+    )
+    return jax.vmap(one_view, in_axes=(1, 0), out_axes=1)(images, jax.random.split(key, images.shape[1]))

@@ -40,7 +40,8 @@ def pretrain_iterator(
 
     Yields `{'images': float32 (B_host, V, S, S, 3), 'labels': int32 (B_host,)}` with
     B_host = config.batch_size // process_count, V = 2 + config.views.support_size and
-    S = config.data.image_size. Every view is an independent `augment.pretrain_view` draw.
+    S = config.data.image_size; with `augment.on_device` the images are uint8 (crop and flip only; the
+    train step rescales them). Every view is an independent `augment.pretrain_view` draw.
     """
     aug = config.augment
     num_views = 2 + config.views.support_size
@@ -68,7 +69,7 @@ def pretrain_iterator(
         views = tf.map_fn(
             lambda view_seed: view(image, view_seed),
             view_seeds,
-            fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32),
+            fn_output_signature=tf.TensorSpec((size, size, 3), tf.uint8 if aug.on_device else tf.float32),
         )
         return {"images": views, "labels": label}
 

@@ -8,7 +8,6 @@ BatchNorm runs in inference mode (moving statistics) throughout.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import time
@@ -31,40 +30,10 @@ def _forward(model, variables, images, output: str):
     return model.apply(variables, images, train=False)[output].astype(jnp.float32)
 
 
-@dataclasses.dataclass(frozen=True)
-class ViewAugment:
-    """Device part of the pretraining views (blur, and colour with `augment.on_device`); hashable."""
-
-    color_on_device: bool
-    color_strength: float
-    blur: bool
-    blur_sigma_groups: int | None
-    solarize_p: float
-
-    @classmethod
-    def from_config(cls, augment: ml_collections.ConfigDict, num_devices: int) -> ViewAugment:
-        return cls(
-            color_on_device=bool(augment.on_device),
-            color_strength=float(augment.color_strength),
-            blur=bool(augment.blur),
-            blur_sigma_groups=num_devices if augment.blur_sigma == "per_device" else None,
-            solarize_p=float(augment.solarize_p),
-        )
-
-
 @functools.partial(jax.jit, static_argnames=("model", "augment"))
-def _view_projections(model, variables, images, key, augment: ViewAugment):
+def _view_projections(model, variables, images, key, augment: augment_jax.ViewAugment):
     """(B, V, H, W, 3) host views → device augmentation per view tensor → (B, V, d) projections."""
-    if augment.blur or augment.color_on_device:
-        one_view = functools.partial(
-            augment_jax.pretrain_device_augment,
-            color_on_device=augment.color_on_device,
-            color_strength=augment.color_strength,
-            blur=augment.blur,
-            blur_sigma_groups=augment.blur_sigma_groups,
-            solarize_p=augment.solarize_p,
-        )
-        images = jax.vmap(one_view, in_axes=(1, 0), out_axes=1)(images, jax.random.split(key, images.shape[1]))
+    images = augment_jax.augment_views(images, key, augment)
     b, v = images.shape[:2]
     out = model.apply(variables, images.reshape(b * v, *images.shape[2:]), train=False)
     return out["projection"].astype(jnp.float32).reshape(b, v, -1)
@@ -169,7 +138,7 @@ def view_projections(
     """
     if num_examples % batch_size:
         raise ValueError(f"num_examples={num_examples} must be a multiple of batch_size={batch_size}.")
-    augment = ViewAugment.from_config(config.augment, mesh.size)
+    augment = augment_jax.ViewAugment.from_config(config.augment, mesh.size)
     key = jax.random.PRNGKey(config.seed)
     num_batches = num_examples // batch_size
     stream = view_batches(config, split=split, num_views=num_views, batch_size=batch_size)

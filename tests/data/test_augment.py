@@ -235,7 +235,8 @@ def test_pretrain_view_coin_frequencies_simclr_order():
         n,
     )
     grey = np.all(views == views[..., :1], axis=(1, 2, 3))
-    untouched = np.all(views == bases, axis=(1, 2, 3))
+    # The on_device host view is the same crop + flip, rounded to uint8.
+    untouched = np.all(np.abs(views - bases / 255.0) <= 0.5 / 255 + 1e-6, axis=(1, 2, 3))
     assert views.min() >= 0 and views.max() <= 1
     assert _within_binomial(grey.sum(), n, 0.2)
     assert _within_binomial(untouched.sum(), n, 0.16)
@@ -262,6 +263,27 @@ def test_pretrain_view_dynamic_shapes_in_tf_data():
     )
     batch = views.batch(3).get_single_element()
     assert batch.shape == (3, 8, 8, 3)
+
+
+def test_on_device_host_view_is_the_rounded_uint8_crop_and_flip():
+    """With colour on the device the host sends uint8: the float crop + flip + clip of the same seeds,
+    rounded (the device rescales by 1/255)."""
+    image = tf.constant(COLOUR_IMAGE)
+
+    def float_view(seed):
+        crop_seed, flip_seed = augment._split(seed, 6)[:2]
+        view = augment.random_resized_crop(image, crop_seed, size=12, area_range=(0.2, 1.0))
+        return tf.clip_by_value(augment.random_flip(view, flip_seed), 0.0, 1.0)
+
+    def uint8_view(seed):
+        return augment.pretrain_view(
+            image, seed, image_size=12, use_randaugment=False, color_on_device=True, area_range=(0.2, 1.0)
+        )
+
+    expected, got = _over_seeds(float_view, 64), _over_seeds(uint8_view, 64)
+    assert got.dtype == np.uint8 and got.shape == (64, 12, 12, 3)
+    np.testing.assert_allclose(got.astype(np.float32), expected * 255.0, atol=0.5 + 1e-3)
+    assert len({g.tobytes() for g in got}) > 48  # seeds draw their own crops (whole-image fallbacks repeat)
 
 
 def test_pretrain_view_rejects_color_on_device_with_randaugment():

@@ -4,6 +4,7 @@ host pipeline, per-image randomness under vmap/jit, coin frequencies, and the bl
 XLA compilation dominates the cost on CPU, so the tests share a few jitted functions at fixed shapes
 (probabilities and strengths are traced arguments and do not recompile)."""
 
+import dataclasses
 import functools
 import itertools
 
@@ -241,3 +242,33 @@ def test_pretrain_device_augment():
     np.testing.assert_array_equal(identity, images)
     with pytest.raises(ValueError, match="solarize_p.*color_on_device"):
         augment_jax.pretrain_device_augment(images, jax.random.key(0), color_on_device=False, solarize_p=0.2)
+
+
+def test_augment_views_rescales_uint8_and_augments_each_view_tensor_separately():
+    settings = augment_jax.ViewAugment(
+        color_on_device=True, color_strength=1.0, blur=True, blur_sigma_groups=None, solarize_p=0.0
+    )
+    pixels = RNG.integers(0, 256, (6, 3, 16, 16, 3)).astype(np.uint8)  # (B, V, H, W, 3)
+    key = jax.random.key(3)
+    views = jax.jit(augment_jax.augment_views, static_argnames="settings")
+    from_uint8 = np.asarray(views(jnp.asarray(pixels), key, settings=settings))
+    from_float = np.asarray(views(jnp.asarray(pixels, jnp.float32) / 255.0, key, settings=settings))
+    assert from_uint8.dtype == np.float32 and from_uint8.shape == pixels.shape
+    np.testing.assert_array_equal(from_uint8, from_float)
+    # The same images in every view slot: the V view tensors must still get different draws.
+    same = jnp.repeat(jnp.asarray(pixels[:, :1]), 3, axis=1)
+    out = np.asarray(views(same, key, settings=settings))
+    assert not np.allclose(out[:, 0], out[:, 1]) and not np.allclose(out[:, 1], out[:, 2])
+    nothing = dataclasses.replace(settings, color_on_device=False, blur=False)
+    np.testing.assert_allclose(views(jnp.asarray(pixels), key, settings=nothing), pixels / 255.0, atol=1e-7)
+
+
+def test_view_augment_from_config():
+    from fnc_jax import config_base
+
+    augment = config_base.pretrain_config().augment
+    augment.on_device, augment.use_randaugment, augment.blur_sigma = True, False, "per_device"
+    settings = augment_jax.ViewAugment.from_config(augment, num_devices=8)
+    assert settings.color_on_device and settings.blur and settings.blur_sigma_groups == 8
+    augment.blur_sigma = "per_image"
+    assert augment_jax.ViewAugment.from_config(augment, num_devices=8).blur_sigma_groups is None

@@ -78,6 +78,22 @@ def test_pretrain_batch_shapes(mnist_stream):
     assert 0.0 <= batch["images"].min() and batch["images"].max() <= 1.0
 
 
+def test_on_device_stream_is_uint8_crops_of_the_same_draws(mnist_stream):
+    """augment.on_device sends uint8 views (4x fewer bytes); crops and flips are the same draws, so with
+    colour jitter off in both modes the views agree up to the rounding to uint8."""
+    host, device = make_config(), make_config()
+    host.augment.color_strength = 0.0  # jitter at strength 0 and grayscale of grey digits: identities
+    device.augment.update(on_device=True)
+    a = take(pipeline.pretrain_iterator(host, process_index=0, process_count=2), 2)
+    b = take(pipeline.pretrain_iterator(device, process_index=0, process_count=2), 2)
+    for x, y in zip(a, b):
+        assert y["images"].dtype == np.uint8 and y["images"].shape == x["images"].shape
+        np.testing.assert_array_equal(x["labels"], y["labels"])
+        # Within one grey level: the rounding, plus float noise of the identity colour ops at .5 ties.
+        np.testing.assert_allclose(y["images"] / 255.0, x["images"], atol=1 / 255)
+        assert np.mean(np.abs(y["images"] / 255.0 - x["images"]) <= 0.5 / 255 + 1e-6) > 0.999
+
+
 def test_resume_replays_the_uninterrupted_stream(mnist_stream):
     config = make_config()
     resumed = take(pipeline.pretrain_iterator(config, process_index=0, process_count=2, start_step=3), 2)
