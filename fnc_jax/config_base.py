@@ -82,6 +82,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 1e-4
     c.optim.momentum = 0.9
     c.optim.trust_coefficient = 1e-3
+    # The online probe's LR relative to the main schedule (1.0: official, the probe shares it).
+    c.optim.probe_lr_multiplier = 1.0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.final_report = False  # kNN + linear probe on frozen features after training (small data)

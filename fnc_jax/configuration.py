@@ -144,6 +144,7 @@ def validate_pretrain(config: ml_collections.ConfigDict, *, num_devices: int, nu
         raise _invalid("fn.support_as_positives", False, "True when memory.multiplier > 0")
     _number(config, "ema.decay", 0.0, 1.0)
     _choice(config, "ema.init", EMA_INITS)
+    _number(config, "optim.probe_lr_multiplier", 0.0)
     validate_augment(config)
     return fn
 

@@ -158,6 +158,7 @@ def create_optimizer(
     momentum: float,
     trust_coefficient: float,
     params: Any,
+    probe_lr_multiplier: float = 1.0,
 ) -> optax.GradientTransformation:
     """The optimiser for `optim.name`, with masks derived from the parameter paths of `params`.
 
@@ -167,7 +168,18 @@ def create_optimizer(
     - `adamw`: decoupled decay on the kernels LARS decays; `momentum`, `trust_coefficient` unused.
 
     `params` is the tree the optimiser will update; pass only trainable parameters.
+    `probe_lr_multiplier` scales the online probe's updates, which for all three optimisers is exactly
+    its LR times the multiplier (the update is linear in the LR and the probe has no decay or trust
+    ratio). At 1.0 (official: the probe follows the main schedule) nothing is added to the state.
     """
+    tx = _base_optimizer(name, schedule, weight_decay, momentum, trust_coefficient, params)
+    if probe_lr_multiplier == 1.0:
+        return tx
+    probe = _mask_from(params, lambda path, _: _top_level(path) == "probe")
+    return optax.chain(tx, optax.masked(optax.scale(probe_lr_multiplier), probe))
+
+
+def _base_optimizer(name, schedule, weight_decay, momentum, trust_coefficient, params):
     if name == "lars":
         return optax.chain(
             optax.add_decayed_weights(weight_decay, mask=_head_kernel_mask(params)),

@@ -391,6 +391,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *, start_over: boo
         momentum=config.optim.momentum,
         trust_coefficient=config.optim.trust_coefficient,
         params=abstract_params["params"],
+        probe_lr_multiplier=config.optim.probe_lr_multiplier,
     )
     state = jax.jit(functools.partial(init_state, config, model, ema_model, tx), out_shardings=replicated)()
     store = checkpoints.Checkpoints(workdir_path / "checkpoints", keep=config.keep_checkpoints)

@@ -204,3 +204,25 @@ def test_create_optimizer_adamw_and_invalid_name():
         optim.create_optimizer(
             name="sgd", schedule=0.1, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001, params=params
         )
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_probe_lr_multiplier_is_the_probe_lr_times_the_multiplier(name):
+    """Exactly the probe trained at multiplier × the LR; every other parameter as without it."""
+    rng = np.random.default_rng(4)
+    params = _toy_params(rng)
+    grads = [jax.tree.map(lambda a: rng.normal(size=a.shape), params) for _ in range(3)]
+    schedule = lambda step: 0.3 - 0.1 * step  # noqa: E731
+    make = functools.partial(optim.create_optimizer, name=name, weight_decay=0.01, momentum=0.9,
+                             trust_coefficient=0.001, params=params)
+    got = _run(make(schedule=schedule, probe_lr_multiplier=0.1), params, grads)
+    main = _run(make(schedule=schedule), params, grads)
+    slow = _run(make(schedule=lambda step: 0.1 * schedule(step)), params, grads)
+    assert not np.allclose(main["probe"]["dense"]["kernel"], slow["probe"]["dense"]["kernel"])
+    _assert_trees_close(got["probe"], slow["probe"])
+    _assert_trees_close({k: v for k, v in got.items() if k != "probe"}, {k: v for k, v in main.items() if k != "probe"})
+    # The official default adds nothing to the optimiser state (old checkpoints keep their structure).
+    plain = optim.create_optimizer(name=name, schedule=schedule, weight_decay=0.01, momentum=0.9,
+                                   trust_coefficient=0.001, params=params)
+    assert jax.tree.structure(make(schedule=schedule, probe_lr_multiplier=1.0).init(params)) == jax.tree.structure(
+        plain.init(params))
