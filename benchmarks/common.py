@@ -11,7 +11,6 @@ step must not wait on the input pipeline (which has its own benchmark).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -182,71 +181,15 @@ def small_config(
 # The train step, built as `train.pretrain` builds it.
 
 
-@dataclasses.dataclass
-class StepBundle:
-    config: Any
-    mesh: Any
-    model: Any
-    ema_model: Any
-    tx: Any
-    schedule: Any
-    settings: Any
-    step_fn: Any  # jax.jit(train_step, donate_argnums=0, out_shardings=replicated)
-    num_classes: int
-
-    @property
-    def num_views(self) -> int:
-        return 2 + self.config.views.support_size
-
-
-def build_step(config, mesh, *, num_classes: int = 10, num_train: int = IMAGENET_TRAIN_EXAMPLES) -> StepBundle:
-    """Validation, schedule, models, optimiser and the jitted step, as in `train.pretrain`."""
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-
-    from fnc_jax import configuration, optim, parallel, train
+def build_step(config, mesh, *, num_classes: int = 10, num_train: int = IMAGENET_TRAIN_EXAMPLES):
+    """The validated config's `train.StepProgram`, exactly as `train.pretrain` builds it."""
+    from fnc_jax import configuration, train
 
     fn = configuration.validate_pretrain(config, num_devices=mesh.size)
-    schedule, _, _ = train.schedule_for(config, num_train)
-    probe = bool(config.model.online_probe) and num_classes > 0
-    model = train.build_model(config, num_classes if probe else 0)
-    ema_model = train.build_model(config, 0)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 3)), train=False))
-    tx = optim.create_optimizer(
-        name=config.optim.name,
-        schedule=schedule,
-        weight_decay=config.optim.weight_decay,
-        momentum=config.optim.momentum,
-        trust_coefficient=config.optim.trust_coefficient,
-        params=abstract["params"],
-    )
-    settings = train.StepSettings.from_config(config, fn, probe, mesh.size)
-    replicated = parallel.replicated(mesh)
-    step_fn = jax.jit(
-        functools.partial(
-            train.train_step, model=model, ema_model=ema_model, tx=tx, schedule=schedule, settings=settings, mesh=mesh
-        ),
-        donate_argnums=0,
-        out_shardings=(replicated, replicated),
-    )
-    return StepBundle(config, mesh, model, ema_model, tx, schedule, settings, step_fn, num_classes if probe else 0)
+    return train.build_step(config, fn, mesh, num_classes=num_classes, num_train=num_train)
 
 
-def init_state(bundle: StepBundle):
-    """The concrete initial state, replicated (as `train.pretrain` creates it)."""
-    import functools
-
-    import jax
-
-    from fnc_jax import parallel, train
-
-    init = functools.partial(train.init_state, bundle.config, bundle.model, bundle.ema_model, bundle.tx)
-    return jax.jit(init, out_shardings=parallel.replicated(bundle.mesh))()
-
-
-def abstract_state(bundle: StepBundle):
+def abstract_state(bundle):
     """ShapeDtypeStructs of the state with replicated shardings: lowering without allocating anything."""
     import functools
 

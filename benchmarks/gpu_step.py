@@ -163,7 +163,7 @@ def main(argv=None) -> dict[str, Any]:
                 entry["result"] = "predicted_oom"
                 common.log(f"batch {batch}: predicted {predicted_bytes(entry['memory'])} bytes > limit {limit}")
                 continue
-            state = common.init_state(bundle)
+            state = bundle.initial_state()
             data = common.random_batch(cfg, mesh, num_classes=1000)
             t = time.perf_counter()
             for _ in range(2):  # warm-up (autotuning, allocation)

@@ -141,7 +141,7 @@ def part_functions(bundle, state, batch) -> tuple[dict[str, tuple[Any, tuple]], 
     import optax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from fnc_jax import objectives, parallel, train
+    from fnc_jax import configuration, objectives, parallel, train
     from fnc_jax.data import augment_jax
     from fnc_jax.models import ProjectionHead, resnet_feature_dim
 
@@ -198,7 +198,7 @@ def part_functions(bundle, state, batch) -> tuple[dict[str, tuple[Any, tuple]], 
         hidden_dim=cfg.model.proj_hidden_dim or resnet_feature_dim(cfg.model.depth, cfg.model.width_multiplier),
         num_layers=cfg.model.proj_layers,
         out_dim=d,
-        dtype=train.compute_dtype(cfg),
+        dtype=configuration.compute_dtype(cfg),
     )
     feats = jax.jit(lambda p, bs, x: forward(p, bs, x)["features"], out_shardings=sharded)(
         state.params, state.batch_stats, flat
@@ -479,7 +479,7 @@ def official_estimate(args, mesh1, reuse: dict[str, Any] | None = None) -> dict[
             if tag == "step_224px_compile_only":
                 jobs[tag] = (bundle.step_fn, (common.abstract_state(bundle), common.abstract_batch(cfg, mesh1)))
             else:
-                probe_inputs = {"state": common.init_state(bundle),
+                probe_inputs = {"state": bundle.initial_state(),
                                 "batch": common.random_batch(cfg, mesh1, num_classes=1000)}
                 jobs[tag] = (bundle.step_fn, (probe_inputs["state"], probe_inputs["batch"]))
         common.log(f"official: compiling the ResNet-{depth} step at {size} px (FLOPs only) and {probe_size} px (run)")
@@ -558,8 +558,8 @@ def main(argv=None) -> dict[str, Any]:
         bundles[name] = common.build_step(cfg, mesh, num_classes=10)
         batches[name] = common.random_batch(cfg, mesh, num_classes=10, seed=0)
     # The state does not depend on V or fn.mode: one initialisation with the queue, one without (copied).
-    states["fnc_memory"] = common.init_state(bundles["fnc_memory"])
-    no_memory = common.init_state(bundles["fnc_in_batch"])
+    states["fnc_memory"] = bundles["fnc_memory"].initial_state()
+    no_memory = bundles["fnc_in_batch"].initial_state()
     for name in ("fnc_in_batch", "baseline_multiview", "simclr_2view"):
         states[name] = jax.tree.map(lambda x: x.copy(), no_memory)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 
 from fnc_jax.objectives import FNConfig
@@ -87,6 +88,27 @@ def num_views(config: ml_collections.ConfigDict) -> int:
 def uses_cifar_stem(config: ml_collections.ConfigDict) -> bool:
     """The CIFAR stem (3x3/1, no max-pool) is the default at 32 px and below (training_recipe.md §3.1)."""
     return config.model.stem == "cifar" or (config.model.stem == "auto" and config.data.image_size <= 32)
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+    """The dtype of convolutions and matmuls (`config.dtype`); parameters always stay float32."""
+    return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+
+
+def network_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The architecture arguments from `config.model` shared by the pretraining and evaluation networks."""
+    m = config.model
+    return dict(
+        depth=m.depth,
+        width_multiplier=m.width_multiplier,
+        cifar_stem=uses_cifar_stem(config),
+        sk_ratio=m.sk_ratio,
+        se_ratio=m.se_ratio,
+        proj_layers=m.proj_layers,
+        proj_out_dim=m.proj_out_dim,
+        proj_hidden_dim=m.proj_hidden_dim or None,
+        dtype=compute_dtype(config),
+    )
 
 
 def validate_model(config: ml_collections.ConfigDict) -> None:

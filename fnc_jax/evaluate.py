@@ -61,21 +61,12 @@ def _sync(name: str) -> None:
 
 def build_classifier(config: ml_collections.ConfigDict, num_classes: int, *, bn_momentum: float = 0.9) -> ClassifierModel:
     """The linear-eval / fine-tuning network for `config.model` (same submodule names as pretraining)."""
-    m = config.model
     return ClassifierModel(
-        depth=m.depth,
-        width_multiplier=m.width_multiplier,
-        cifar_stem=configuration.uses_cifar_stem(config),
-        sk_ratio=m.sk_ratio,
-        se_ratio=m.se_ratio,
-        proj_layers=m.proj_layers,
-        proj_out_dim=m.proj_out_dim,
-        proj_hidden_dim=m.proj_hidden_dim or None,
+        **configuration.network_kwargs(config),
         bn_momentum=bn_momentum,
-        dtype=jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32,
         num_classes=num_classes,
-        ft_proj_selector=m.ft_proj_selector,
-        zero_init_head=m.zero_init_head,
+        ft_proj_selector=config.model.ft_proj_selector,
+        zero_init_head=config.model.zero_init_head,
     )
 
 

@@ -98,25 +98,9 @@ class StepSettings:
         )
 
 
-def compute_dtype(config: ml_collections.ConfigDict) -> Any:
-    return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-
-
 def build_model(config: ml_collections.ConfigDict, num_classes: int = 0) -> ContrastiveModel:
     """The pretraining network; `num_classes > 0` adds the online probe."""
-    m = config.model
-    return ContrastiveModel(
-        depth=m.depth,
-        width_multiplier=m.width_multiplier,
-        cifar_stem=configuration.uses_cifar_stem(config),
-        sk_ratio=m.sk_ratio,
-        se_ratio=m.se_ratio,
-        proj_layers=m.proj_layers,
-        proj_out_dim=m.proj_out_dim,
-        proj_hidden_dim=m.proj_hidden_dim or None,
-        num_classes=num_classes,
-        dtype=compute_dtype(config),
-    )
+    return ContrastiveModel(**configuration.network_kwargs(config), num_classes=num_classes)
 
 
 def parameter_init_key(seed: int) -> jax.Array:
@@ -349,6 +333,70 @@ def schedule_for(config: ml_collections.ConfigDict, num_train: int) -> tuple[opt
     return schedule, warmup, total
 
 
+@dataclasses.dataclass(frozen=True)
+class StepProgram:
+    """The pretraining step and what it is built from, for one config and mesh."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    model: ContrastiveModel
+    ema_model: ContrastiveModel
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    settings: StepSettings
+    step_fn: Any  # jitted (state, global batch) -> (state, metrics)
+    num_classes: int  # of the online probe; 0 without it
+
+    @property
+    def num_views(self) -> int:
+        return self.settings.num_views
+
+    def initial_state(self) -> TrainState:
+        """The initial state (parameters from `config.seed`), replicated over the mesh."""
+        init = functools.partial(init_state, self.config, self.model, self.ema_model, self.tx)
+        return jax.jit(init, out_shardings=parallel.replicated(self.mesh))()
+
+
+def build_step(
+    config: ml_collections.ConfigDict,
+    fn: FNConfig,
+    mesh: jax.sharding.Mesh,
+    *,
+    num_classes: int,
+    num_train: int,
+    donate_state: bool = True,
+) -> StepProgram:
+    """Schedule, networks, optimiser and the jitted train step of a validated `config`.
+
+    `num_classes > 0` (a labelled split) adds the online probe when `model.online_probe`. With
+    `donate_state` the step reuses the state's buffers: the state passed in is consumed.
+    """
+    schedule, _, _ = schedule_for(config, num_train)
+    probe = bool(config.model.online_probe) and num_classes > 0
+    model = build_model(config, num_classes if probe else 0)
+    ema_model = build_model(config, 0)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 3)), train=False))
+    tx = optim.create_optimizer(
+        name=config.optim.name,
+        schedule=schedule,
+        weight_decay=config.optim.weight_decay,
+        momentum=config.optim.momentum,
+        trust_coefficient=config.optim.trust_coefficient,
+        params=abstract["params"],
+        probe_lr_multiplier=config.optim.probe_lr_multiplier,
+    )
+    settings = StepSettings.from_config(config, fn, probe, mesh.size)
+    replicated = parallel.replicated(mesh)
+    step_fn = jax.jit(
+        functools.partial(
+            train_step, model=model, ema_model=ema_model, tx=tx, schedule=schedule, settings=settings, mesh=mesh
+        ),
+        donate_argnums=0 if donate_state else (),
+        out_shardings=(replicated, replicated),
+    )
+    return StepProgram(config, mesh, model, ema_model, tx, schedule, settings, step_fn, num_classes if probe else 0)
+
+
 def _mean_metrics(window: list[dict[str, np.ndarray]]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in window])) for k in window[0] if k != "finite"}
 
@@ -376,38 +424,16 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *, start_over: boo
     if process_count > 1:
         _barrier("fnc_jax_config_recorded", process_count)  # moving an old run aside can take minutes
 
-    schedule, warmup, total_steps = schedule_for(config, num_train)
-    probe = config.model.online_probe and info.num_classes > 0
-    model = build_model(config, info.num_classes if probe else 0)
-    ema_model = build_model(config, 0)
+    _, warmup, total_steps = schedule_for(config, num_train)
     mesh = parallel.create_mesh()
-    replicated = parallel.replicated(mesh)
-
-    abstract_params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 3)), train=False))
-    tx = optim.create_optimizer(
-        name=config.optim.name,
-        schedule=schedule,
-        weight_decay=config.optim.weight_decay,
-        momentum=config.optim.momentum,
-        trust_coefficient=config.optim.trust_coefficient,
-        params=abstract_params["params"],
-        probe_lr_multiplier=config.optim.probe_lr_multiplier,
-    )
-    state = jax.jit(functools.partial(init_state, config, model, ema_model, tx), out_shardings=replicated)()
+    program = build_step(config, fn, mesh, num_classes=info.num_classes, num_train=num_train)
+    state = program.initial_state()
     store = checkpoints.Checkpoints(workdir_path / "checkpoints", keep=config.keep_checkpoints)
     if store.latest_step() is not None:
         state = store.restore(state)
         logging.info("Resumed from step %d of %s", int(state.step), workdir)
     start_step = int(state.step)
-
-    settings = StepSettings.from_config(config, fn, probe, mesh.size)
-    step_fn = jax.jit(
-        functools.partial(
-            train_step, model=model, ema_model=ema_model, tx=tx, schedule=schedule, settings=settings, mesh=mesh
-        ),
-        donate_argnums=0,
-        out_shardings=(replicated, replicated),
-    )
+    step_fn = program.step_fn
     batches = parallel.device_prefetch(
         pipeline.pretrain_iterator(
             config, process_index=process_index, process_count=process_count, start_step=start_step
@@ -480,7 +506,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *, start_over: boo
     if config.eval.final_report and int(state.step) == total_steps:
         from fnc_jax.evaluation import representation  # noqa: PLC0415 (only needed at the end)
 
-        results["quality"] = representation.quality_report(config, model, state, mesh, info)
+        results["quality"] = representation.quality_report(config, program.model, state, mesh, info)
         results["quality"]["fn_precision_last_window"] = last_metrics.get("fn_precision")
         results["quality"]["fn_recall_last_window"] = last_metrics.get("fn_recall")
         representation.print_report(results["quality"])

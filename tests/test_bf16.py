@@ -7,14 +7,12 @@ within 1%), and the two independent trajectories (within a few %, the learning r
 selection is discrete, so a flipped top-k / threshold decision moves the loss a little).
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fnc_jax import configuration, optim, parallel, train
+from fnc_jax import configuration, parallel, train
 from fnc_jax.config_base import pretrain_config
 
 STEPS = 3
@@ -40,28 +38,9 @@ def build(dtype: str):
     config = tiny_config(dtype)
     mesh = parallel.create_mesh()
     fn = configuration.validate_pretrain(config, num_devices=mesh.size)
-    schedule, _, _ = train.schedule_for(config, num_train=10 * BATCH)
-    model = train.build_model(config, CLASSES)
-    ema_model = train.build_model(config, 0)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 3)), train=False))
-    tx = optim.create_optimizer(
-        name=config.optim.name,
-        schedule=schedule,
-        weight_decay=config.optim.weight_decay,
-        momentum=config.optim.momentum,
-        trust_coefficient=config.optim.trust_coefficient,
-        params=abstract["params"],
-    )
-    replicated = parallel.replicated(mesh)
-    state = jax.jit(functools.partial(train.init_state, config, model, ema_model, tx), out_shardings=replicated)()
-    settings = train.StepSettings.from_config(config, fn, probe=True, num_devices=mesh.size)
-    step = jax.jit(
-        functools.partial(
-            train.train_step, model=model, ema_model=ema_model, tx=tx, schedule=schedule, settings=settings, mesh=mesh
-        ),
-        out_shardings=(replicated, replicated),
-    )
-    return mesh, state, step
+    # Not donating: the bf16 step is also applied to the float32 run's states, which must survive.
+    program = train.build_step(config, fn, mesh, num_classes=CLASSES, num_train=10 * BATCH, donate_state=False)
+    return mesh, program.initial_state(), program.step_fn
 
 
 def batches(mesh):
