@@ -16,31 +16,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
-from fnc_jax import parallel, train
-from fnc_jax.data import pipeline
-from fnc_jax.evaluation import knn
-
-
-def extract_features(
-    apply_fn, variables: dict, config: ml_collections.ConfigDict, split: str, mesh: jax.sharding.Mesh, batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(features, labels) of every real example of `split`, gathered from all processes."""
-    forward = jax.jit(lambda v, x: apply_fn(v, x, train=False)["features"].astype(jnp.float32))
-    feats, labels, masks = [], [], []
-    batches = pipeline.eval_iterator(
-        config, split=split, process_index=jax.process_index(), process_count=jax.process_count(), batch_size=batch_size
-    )
-    for host in batches:
-        batch = parallel.global_batch(host, mesh)
-        out = forward(variables, batch["images"])
-        gathered = multihost_utils.process_allgather({"f": out, "y": batch["labels"], "m": batch["mask"]}, tiled=True)
-        feats.append(np.asarray(gathered["f"]))
-        labels.append(np.asarray(gathered["y"]))
-        masks.append(np.asarray(gathered["m"]))
-    keep = np.concatenate(masks) > 0
-    return np.concatenate(feats)[keep], np.concatenate(labels)[keep]
+from fnc_jax import train
+from fnc_jax.evaluation import features, knn
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
@@ -73,10 +51,11 @@ def linear_probe_accuracy(
     return float(np.mean(np.argmax(logits, -1) == test_y))
 
 
-def evaluate_encoder(apply_fn, variables: dict, config, mesh, num_classes: int) -> dict[str, float]:
+def evaluate_encoder(model, variables: dict, config, mesh, num_classes: int) -> dict[str, float]:
+    """kNN and linear-probe accuracy of `model`'s pooled features (eval split against train split)."""
     bs = config.eval.batch_size
-    train_x, train_y = extract_features(apply_fn, variables, config, config.data.train_split, mesh, bs)
-    test_x, test_y = extract_features(apply_fn, variables, config, config.data.eval_split, mesh, bs)
+    train_x, train_y = features.extract(model, variables, config, config.data.train_split, mesh, batch_size=bs)
+    test_x, test_y = features.extract(model, variables, config, config.data.eval_split, mesh, batch_size=bs)
     scores = knn.knn_evaluate(
         test_x,
         test_y,
@@ -100,14 +79,14 @@ def quality_report(config: ml_collections.ConfigDict, model, state, mesh, info) 
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     report: dict[str, Any] = {
         "split": config.data.eval_split,
-        "pretrained": evaluate_encoder(model.apply, variables, config, mesh, info.num_classes),
+        "pretrained": evaluate_encoder(model, variables, config, mesh, info.num_classes),
     }
     if config.eval.compare_random_init:
         size = config.data.image_size
         random_vars = jax.jit(lambda key: model.init(key, jnp.zeros((2, size, size, 3)), train=False))(
             train.parameter_init_key(config.seed + 1)
         )
-        report["random_init"] = evaluate_encoder(model.apply, random_vars, config, mesh, info.num_classes)
+        report["random_init"] = evaluate_encoder(model, random_vars, config, mesh, info.num_classes)
     return report
 
 

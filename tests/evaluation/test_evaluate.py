@@ -15,6 +15,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import types
 
 import flax.linen as nn
 import jax
@@ -27,7 +28,7 @@ import tensorflow_datasets as tfds
 
 from fnc_jax import checkpoints, evaluate, optim, parallel, train
 from fnc_jax.data import sources
-from fnc_jax.evaluation import classification, features, restore
+from fnc_jax.evaluation import classification, features, representation, restore
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TINY_NAME = "fnc_eval_tiny_digits"
@@ -502,3 +503,43 @@ def test_real_pretraining_then_cli_linear_eval(tmp_path):
     assert results["pretrained"]["step"] == 2 and results["pretrained"]["restored"] == ["params/encoder", "batch_stats/encoder"]
     assert results["eval"]["num_examples"] == 1000 and results["steps"] == 3
     assert '"top1"' in done.stdout  # main prints the results
+
+
+# ---------------------------------------------------------------------------------------------------
+# The quick quality report that ends a pretraining run (the quickstart).
+
+
+def test_linear_probe_accuracy_separates_blobs_and_not_noise():
+    rng = np.random.default_rng(0)
+    centres = 4.0 * rng.standard_normal((5, 16))
+    y = rng.integers(0, 5, 600)
+    x = (centres[y] + rng.standard_normal((600, 16))).astype(np.float32)
+    fit = functools.partial(representation.linear_probe_accuracy, num_classes=5, steps=200)
+    assert fit(x[:400], y[:400], x[400:], y[400:]) > 0.95
+    assert fit(x[:400], rng.permutation(y[:400]), x[400:], y[400:]) < 0.5  # labels unrelated to the inputs
+
+
+def test_quality_report_of_a_checkpoint_and_of_a_random_encoder(pretrained, tiny_data):
+    c = tiny_pretrain_config()
+    c.data.update(source="tfds", name=TINY_NAME, data_dir=tiny_data, train_split="train", eval_split="test")
+    c.eval.update(batch_size=64, knn_ks=(20,), probe_epochs=50)
+    mesh = parallel.create_mesh()
+    model = train.build_model(c, 0)
+    # quality_report reads the online network of the state (what `train.pretrain` passes), not the probe.
+    state = types.SimpleNamespace(
+        params={k: v for k, v in pretrained.state["params"].items() if k != "probe"},
+        batch_stats=pretrained.state["batch_stats"],
+    )
+    report = representation.quality_report(c, model, state, mesh, sources.get_source_info(c.data))
+    assert report["split"] == "test"
+    for name in ("pretrained", "random_init"):
+        scores = report[name]
+        assert scores["num_train"] == NUM_TRAIN and scores["num_test"] == NUM_TEST
+        assert all(0.0 <= scores[k] <= 1.0 for k in ("knn_top1_k20", "knn_top5_k20", "linear_probe_top1"))
+    # The pretrained entry is the checkpoint's network: its kNN score is recomputed from its features.
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    train_x, train_y = features.extract(model, variables, c, "train", mesh, batch_size=64)
+    test_x, test_y = features.extract(model, variables, c, "test", mesh, batch_size=64)
+    top1, _ = _brute_force_knn(train_x, train_y, test_x, test_y, 20, c.eval.knn_temperature)
+    assert report["pretrained"]["knn_top1_k20"] == pytest.approx(top1, abs=1.01 / NUM_TEST)
+    assert report["pretrained"] != report["random_init"]
