@@ -405,7 +405,9 @@ def test_sharded_in_batch_equals_single_device(fn):
         np.testing.assert_allclose(a8[k], a1[k], rtol=1e-6, err_msg=k)
 
 
-@pytest.mark.parametrize("fn", SHARDED_FNS[:3], ids=lambda fn: fn.mode)
+# The two FNC modes; the no-cancellation memory loss takes the same gathered path (and is covered sharded
+# in-batch above and single-device against the golden file).
+@pytest.mark.parametrize("fn", SHARDED_FNS[:2], ids=lambda fn: fn.mode)
 def test_sharded_memory_loss_equals_single_device(fn):
     v, n, m, d = 2, 16, 3, 8
     rng = np.random.default_rng(14)
