@@ -35,12 +35,7 @@ def tiny_config(**overrides):
     c.eval.final_report = False
     c.fn.topk = 3
     c.fn.threshold = 0.0
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 
