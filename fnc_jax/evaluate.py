@@ -50,15 +50,6 @@ def _print(line: str) -> None:
         print(line, flush=True)
 
 
-def _sync(name: str) -> None:
-    """All processes wait here: a coordination-service barrier, not a device collective (a CPU/gloo
-    collective fails when a peer arrives over 30 s late, and evaluations write files in between)."""
-    if jax.process_count() > 1:
-        ocp.multihost.sync_global_processes(
-            f"fnc_jax_eval_{name}".replace(" ", "_"), timeout=1800, processes=set(range(jax.process_count()))
-        )
-
-
 def build_classifier(config: ml_collections.ConfigDict, num_classes: int, *, bn_momentum: float = 0.9) -> ClassifierModel:
     """The linear-eval / fine-tuning network for `config.model` (same submodule names as pretraining)."""
     return ClassifierModel(
@@ -356,7 +347,7 @@ def _run_transfer(config, workdir, source, info, mesh) -> dict[str, Any]:
         results = {"base_lr": base_lr, "weight_decay": weight_decay, "train_split": train_split, **results}
         if jax.process_index() == 0 and not results["preempted"]:
             checkpoints.write_json_atomic(done_file, results)
-        _sync(f"transfer run {run_dir.name}")
+        parallel.barrier(f"fnc_jax_eval_transfer run {run_dir.name}")
         return results
 
     sweep = []
@@ -416,7 +407,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, start_over: bool = F
     workdir_path = epath.Path(workdir)
     if jax.process_index() == 0:
         checkpoints.record_config(workdir_path, config.to_dict(), start_over=start_over)
-    _sync("config recorded")
+    parallel.barrier("fnc_jax_eval_config recorded")
     mesh = parallel.create_mesh()
     _print(f"{config.mode}: pretrained weights from {source.describe()}; data {config.data.name} "
            f"({info.num_classes} classes); workdir {workdir}")

@@ -48,3 +48,18 @@ def device_prefetch(batches: Iterator[dict[str, np.ndarray]], mesh: Mesh, size: 
             yield queue.popleft()
     while queue:
         yield queue.popleft()
+
+
+def barrier(name: str) -> None:
+    """All processes wait here (a no-op with one process).
+
+    A coordination-service barrier, not a device collective: a CPU (gloo) collective fails when a peer
+    reaches it over 30 s late, and a process can be minutes late (compiling, moving an old run aside,
+    writing files).
+    """
+    if jax.process_count() > 1:
+        import orbax.checkpoint as ocp  # noqa: PLC0415 (only multi-process runs need it)
+
+        ocp.multihost.sync_global_processes(
+            name.replace(" ", "_"), timeout=1800, processes=set(range(jax.process_count()))
+        )

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from clu import metric_writers
 from etils import epath
 from flax import struct
@@ -401,12 +400,6 @@ def _mean_metrics(window: list[dict[str, np.ndarray]]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in window])) for k in window[0] if k != "finite"}
 
 
-def _barrier(name: str, process_count: int) -> None:
-    """All processes wait here. A coordination-service barrier, not a collective: a CPU (gloo) collective
-    fails when a peer reaches its first one over 30 s late, and a process can be minutes late."""
-    ocp.multihost.sync_global_processes(name, timeout=1800, processes=set(range(process_count)))
-
-
 def pretrain(config: ml_collections.ConfigDict, workdir: str, *, start_over: bool = False) -> dict[str, Any]:
     """Runs (or resumes) pretraining in `workdir`; returns the final results (also in results.json)."""
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -421,8 +414,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *, start_over: boo
     workdir_path = epath.Path(workdir)
     if process_index == 0:
         checkpoints.record_config(workdir_path, config.to_dict(), start_over=start_over)
-    if process_count > 1:
-        _barrier("fnc_jax_config_recorded", process_count)  # moving an old run aside can take minutes
+    parallel.barrier("fnc_jax_config_recorded")  # moving an old run aside can take minutes
 
     _, warmup, total_steps = schedule_for(config, num_train)
     mesh = parallel.create_mesh()
@@ -456,10 +448,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *, start_over: boo
         flops = (compiled.cost_analysis() or {}).get("flops")
         progress = Progress(total_steps=total_steps, batch_size=config.batch_size, flops_per_step=flops)
         watcher = PreemptionWatcher()
-        if process_count > 1:
-            # Compile times differ between processes (e.g. JAX's persistent compilation cache is written
-            # by process 0 only, so on a restart only process 0 hits it): enter the first step together.
-            _barrier("fnc_jax_first_step", process_count)
+        # Compile times differ between processes (e.g. JAX's persistent compilation cache is written by
+        # process 0 only, so on a restart only process 0 hits it): enter the first step together.
+        parallel.barrier("fnc_jax_first_step")
         window: list[dict[str, jax.Array]] = []
         progress.start(start_step)
         batch = first
