@@ -184,9 +184,26 @@ def validate_augment(config: ml_collections.ConfigDict) -> None:
         )
     if aug.solarize_p > 0 and not aug.on_device:
         raise _invalid("augment.solarize_p", aug.solarize_p, "0 unless augment.on_device=True")
+    if aug.crop_on_device and not aug.on_device:
+        raise _invalid("augment.crop_on_device", True, "False unless augment.on_device=True")
+    _integer(config, "augment.canvas_size", 0)
     area = tuple(aug.area_range)
     if len(area) != 2 or not 0 < area[0] <= area[1] <= 1:
         raise _invalid("augment.area_range", area, "pairs (low, high) with 0 < low <= high <= 1")
+
+
+def canvas_size(config: ml_collections.ConfigDict, image_shape: tuple[int, ...] | None) -> int:
+    """Side of the host canvas with `augment.crop_on_device`: `augment.canvas_size`, or for 0 the
+    source's fixed image side (`image_shape` from `sources.get_source_info`, None when sizes vary)."""
+    size = _integer(config, "augment.canvas_size", 0)
+    if size:
+        return size
+    if image_shape is None:
+        raise _invalid(
+            "augment.canvas_size", 0, "a positive side for sources whose image sizes vary, e.g. 512 (ImageNet; "
+            "larger images are shrunk to fit); 0 only for fixed-size sources"
+        )
+    return max(image_shape[:2])
 
 
 def changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:

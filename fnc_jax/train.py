@@ -92,7 +92,7 @@ class StepSettings:
             num_views=configuration.num_views(config),
             use_memory=config.memory.multiplier > 0,
             ema_decay=float(config.ema.decay),
-            augment=augment_jax.ViewAugment.from_config(config.augment, num_devices),
+            augment=augment_jax.ViewAugment.from_config(config, num_devices),
             probe=probe,
         )
 
@@ -191,7 +191,7 @@ def train_step(
     """One pretraining step on a global batch {'images': (B, V, H, W, 3), 'labels': (B,)}."""
     s = settings
     key = jax.random.fold_in(state.rng, state.step)
-    images = augment_jax.augment_views(batch["images"], key, s.augment)
+    images = augment_jax.augment_views(batch, key, s.augment)
     labels = batch["labels"]
     b, v = images.shape[:2]
     flat = images.reshape(b * v, *images.shape[2:])
@@ -406,6 +406,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *, start_over: boo
     fn = configuration.validate_pretrain(config, num_devices=jax.device_count(), num_processes=process_count)
     info = sources.get_source_info(config.data)
     num_train = info.num_examples[config.data.train_split]
+    if config.augment.crop_on_device:
+        configuration.canvas_size(config, info.image_shape)  # fails now rather than in the input pipeline
     if num_train < config.batch_size:
         raise ValueError(
             f"config.batch_size={config.batch_size} is invalid: the training split has only {num_train} images "

@@ -100,6 +100,29 @@ def test_sharded_step_equals_single_device_and_loss_decreases():
     np.testing.assert_array_equal(final8.memory_labels[: v * n], np.tile(batch["labels"], v))
 
 
+@pytest.mark.slow  # two step compilations (~60 s); CI runs test_augment_jax's sharded cut instead
+def test_step_cuts_views_from_sharded_canvases():
+    """With augment.crop_on_device the sharded step cuts the views from (canvas, crops) itself: the same
+    step as on the views cut beforehand and sent whole (to one device)."""
+    config = tiny_config(**{"augment.on_device": True, "augment.crop_on_device": True, "augment.blur": True})
+    rng = np.random.default_rng(1)
+    n, v, side = config.batch_size, configuration.num_views(config), 20
+    height, width = rng.integers(4, side + 1, (n, v)), rng.integers(4, side + 1, (n, v))
+    crops = np.stack(
+        [rng.integers(0, side - height + 1), rng.integers(0, side - width + 1), height, width, rng.integers(0, 2, (n, v))],
+        axis=-1,
+    ).astype(np.int32)
+    canvases = rng.integers(0, 256, (n, side, side, 3)).astype(np.uint8)
+    batch = {"images": canvases, "crops": crops, "labels": rng.integers(0, 3, n).astype(np.int32)}
+    settings = train.augment_jax.ViewAugment.from_config(config, num_devices=1)
+    views = {"images": np.asarray(train.augment_jax.host_views(batch, settings)), "labels": batch["labels"]}
+    assert views["images"].shape == (n, v, 16, 16, 3)
+    _, _, cut_here = _step_on(config, jax.devices()[:8], batch)
+    _, _, sent_whole = _step_on(config, jax.devices()[:1], views)
+    for key in ("loss", "contrastive_loss", "probe_loss", "grad_norm"):
+        np.testing.assert_allclose(cut_here[0][key], sent_whole[0][key], rtol=2e-4, err_msg=key)
+
+
 def test_pretrain_end_to_end_checkpoints_and_resume(tmp_path):
     config = tiny_config(total_steps=4, checkpoint_every_steps=2, log_every_steps=1)
     workdir = tmp_path / "run"
@@ -145,6 +168,8 @@ def test_incompatible_workdir_is_refused_and_start_over_keeps_the_old_run(tmp_pa
         ({"model.depth": 20}, "model.depth"),
         ({"optim.name": "sgd"}, "optim.name"),
         ({"augment.on_device": True, "augment.use_randaugment": True}, "augment.use_randaugment"),
+        ({"augment.crop_on_device": True}, "augment.crop_on_device"),  # needs on_device
+        ({"augment.canvas_size": -1}, "augment.canvas_size"),
         ({"ema.init": "zeros"}, "ema.init"),
         ({"loss.temperature": 0.0}, "loss.temperature"),
         ({"dtype": "float16"}, "dtype"),

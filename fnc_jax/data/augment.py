@@ -116,6 +116,42 @@ def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 
 
 @_plain_tf
+def crop_and_flip(
+    image_shape: tf.Tensor, seed: tf.Tensor, *, area_range: Sequence[float] = (0.08, 1.0)
+) -> tf.Tensor:
+    """int32 (top, left, height, width, flip) of a pretraining view: `pretrain_view`'s own draws.
+
+    The crop box comes from the same sub-seed and sampler, and `flip` is 1 exactly when
+    `stateless_random_flip_left_right` mirrors (its uniform draw < 0.5), so the device can cut and
+    resize the same view (`augment_jax.crop_resize_views`).
+    """
+    crop_seed, flip_seed = _split(seed, 6)[:2]
+    begin, size = sample_crop_box(image_shape, crop_seed, area_range=area_range)
+    flip = tf.cast(_uniform(flip_seed, 0.0, 1.0) < 0.5, tf.int32)
+    return tf.concat([begin[:2], size[:2], flip[tf.newaxis]], 0)
+
+
+@_plain_tf
+def fit_canvas(image: tf.Tensor, canvas_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """(canvas, shape): the uint8 image at the top-left of a zero canvas_size × canvas_size canvas,
+    and the shape (H, W, 3) it has there, which crops are drawn from.
+
+    An image with a side over `canvas_size` is first shrunk to fit, aspect kept (area averaging, then
+    rounded): crops of it are then cut from the smaller image, a departure from the recipe that
+    `augment.canvas_size` >= the largest image avoids.
+    """
+    shape = tf.shape(image)
+    too_big = tf.reduce_max(shape[:2]) > canvas_size
+
+    def shrink() -> tf.Tensor:
+        small = tf.image.resize(image, (canvas_size, canvas_size), method="area", preserve_aspect_ratio=True)
+        return tf.saturate_cast(tf.round(small), tf.uint8)
+
+    image = tf.cond(too_big, shrink, lambda: image)
+    return tf.image.pad_to_bounding_box(image, 0, 0, canvas_size, canvas_size), tf.shape(image)
+
+
+@_plain_tf
 def random_apply(
     fn: Callable[[tf.Tensor], tf.Tensor], image: tf.Tensor, seed: tf.Tensor, p: float
 ) -> tf.Tensor:

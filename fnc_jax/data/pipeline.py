@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from fnc_jax import configuration
 from fnc_jax.data import augment, sources
 
 Batch = dict[str, np.ndarray]
@@ -41,11 +42,27 @@ def pretrain_iterator(
     Yields `{'images': float32 (B_host, V, S, S, 3), 'labels': int32 (B_host,)}` with
     B_host = config.batch_size // process_count, V = 2 + config.views.support_size and
     S = config.data.image_size; with `augment.on_device` the images are uint8 (crop and flip only; the
-    train step rescales them). Every view is an independent `augment.pretrain_view` draw.
+    train step rescales them). Every view is an independent `augment.pretrain_view` draw. With
+    `augment.crop_on_device` the views are cut on the device instead: `images` are uint8 canvases
+    (B_host, C, C, 3) and `crops` int32 (B_host, V, 5), the views' crop boxes and flips.
     """
     aug = config.augment
     num_views = 2 + config.views.support_size
     size = config.data.image_size
+    if aug.crop_on_device:
+        canvas_size = configuration.canvas_size(config, sources.get_source_info(config.data).image_shape)
+
+        def canvas_example(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
+            canvas, shape = augment.fit_canvas(image, canvas_size)
+            crops = [
+                augment.crop_and_flip(shape, _view_seed(seed, v), area_range=tuple(aug.area_range))
+                for v in range(num_views)
+            ]
+            return {"images": canvas, "crops": tf.stack(crops), "labels": label}
+
+        return _train_batches(
+            config, config.data.train_split, process_index, process_count, start_step, canvas_example
+        )
 
     def view(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         return augment.pretrain_view(
@@ -62,7 +79,7 @@ def pretrain_iterator(
         # `map_fn` traces the (large) augmentation graph once instead of once per view: building the
         # pipeline takes seconds instead of ~a minute at V = 10.
         view_seeds = tf.map_fn(
-            lambda v: tf.random.experimental.stateless_fold_in(seed, v),
+            lambda v: _view_seed(seed, v),
             tf.range(num_views, dtype=tf.int64),
             fn_output_signature=tf.TensorSpec((2,), tf.int64),
         )
@@ -140,6 +157,11 @@ def eval_iterator(
         .batch(per_host, drop_remainder=True)
     )
     return _finalize(dataset)
+
+
+def _view_seed(seed: tf.Tensor, view: int | tf.Tensor) -> tf.Tensor:
+    """Seed of view `view` of the example with augmentation seed `seed`."""
+    return tf.random.experimental.stateless_fold_in(seed, tf.cast(view, tf.int64))
 
 
 def _per_host_batch(global_batch: int, process_count: int) -> int:

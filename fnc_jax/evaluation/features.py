@@ -31,9 +31,9 @@ def _forward(model, variables, images, output: str):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "augment"))
-def _view_projections(model, variables, images, key, augment: augment_jax.ViewAugment):
-    """(B, V, H, W, 3) host views → device augmentation per view tensor → (B, V, d) projections."""
-    images = augment_jax.augment_views(images, key, augment)
+def _view_projections(model, variables, batch, key, augment: augment_jax.ViewAugment):
+    """Host batch of V views per image → device augmentation per view tensor → (B, V, d) projections."""
+    images = augment_jax.augment_views(batch, key, augment)
     b, v = images.shape[:2]
     out = model.apply(variables, images.reshape(b * v, *images.shape[2:]), train=False)
     return out["projection"].astype(jnp.float32).reshape(b, v, -1)
@@ -138,7 +138,7 @@ def view_projections(
     """
     if num_examples % batch_size:
         raise ValueError(f"num_examples={num_examples} must be a multiple of batch_size={batch_size}.")
-    augment = augment_jax.ViewAugment.from_config(config.augment, mesh.size)
+    augment = augment_jax.ViewAugment.from_config(config, mesh.size)
     key = jax.random.PRNGKey(config.seed)
     num_batches = num_examples // batch_size
     stream = view_batches(config, split=split, num_views=num_views, batch_size=batch_size)
@@ -146,7 +146,7 @@ def view_projections(
     outs, labels = [], []
     for i in range(num_batches):
         batch = parallel.global_batch(next(stream), mesh)
-        z = _view_projections(model, variables, batch["images"], jax.random.fold_in(key, i), augment)
+        z = _view_projections(model, variables, batch, jax.random.fold_in(key, i), augment)
         got = _gather({"z": z, "y": batch["labels"]})
         outs.append(got["z"])
         labels.append(got["y"])

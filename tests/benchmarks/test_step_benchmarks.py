@@ -92,7 +92,8 @@ def test_input_pipeline_benchmark_quick():
     check_machine(r["machine"])
     assert r["dataset"]["images"] > 0 and r["dataset"]["mean_jpeg_kb"] > 0
     expected = {f"{px}/{v}" for px in ("224px", "32px")
-                for v in ("pretrain_host_randaugment", "pretrain_host", "pretrain_on_device_colour", "eval")}
+                for v in ("pretrain_host_randaugment", "pretrain_host", "pretrain_on_device_colour",
+                          "pretrain_on_device_crop", "eval")}
     assert set(r["pipelines"]) == expected
     for name, p in r["pipelines"].items():
         assert positive(p["views_per_s_per_core"]) and positive(p["views_per_s_wall"]), name
@@ -101,6 +102,7 @@ def test_input_pipeline_benchmark_quick():
     assert all(positive(x) for x in r["ratios"].values())
     d = r["device_side_on_this_cpu"]
     assert positive(d["colour_jitter_grayscale"]["ms_per_view_per_core"]) and positive(d["blur"]["ms_per_view_per_core"])
+    assert positive(d["crop_resize"]["ms_per_view_per_core"]) and positive(d["crop_resize"]["flops_per_view"])
     s = r["stages_224px"]
     assert all(positive(v["ms_per_image_per_core"]) for v in s["cumulative"].values())
     assert positive(s["stage_speedup_on_device_over_host"])
@@ -117,6 +119,8 @@ def test_gpu_step_benchmark_quick_on_cpu():
     assert positive(res["images_per_s"]) and positive(res["views_per_s"]) and positive(res["achieved_tflops_per_s"])
     assert res["views_per_s"] == pytest.approx(res["images_per_s"] * r["shapes"]["views"])
     assert res["loss_finite"] and res["loss_dtype"] == "float32" and res["params_dtypes"] == ["float32"]
+    crop = res["crop_on_device"]
+    assert crop["canvas"] == 48 and positive(crop["ms_per_view"]) and 0 < crop["share_of_step"]
     assert r["shapes"]["dtype"] == "bfloat16"
     assert res["mfu"] is None  # no peak is known for a CPU
     assert any(a.get("result") == "ok" for a in r["attempts"])

@@ -246,29 +246,111 @@ def test_pretrain_device_augment():
 
 def test_augment_views_rescales_uint8_and_augments_each_view_tensor_separately():
     settings = augment_jax.ViewAugment(
-        color_on_device=True, color_strength=1.0, blur=True, blur_sigma_groups=None, solarize_p=0.0
+        color_on_device=True, color_strength=1.0, blur=True, blur_sigma_groups=None, solarize_p=0.0, image_size=16
     )
     pixels = RNG.integers(0, 256, (6, 3, 16, 16, 3)).astype(np.uint8)  # (B, V, H, W, 3)
     key = jax.random.key(3)
-    views = jax.jit(augment_jax.augment_views, static_argnames="settings")
-    from_uint8 = np.asarray(views(jnp.asarray(pixels), key, settings=settings))
-    from_float = np.asarray(views(jnp.asarray(pixels, jnp.float32) / 255.0, key, settings=settings))
+    jitted = jax.jit(augment_jax.augment_views, static_argnames="settings")
+
+    def views(images, settings=settings):
+        return np.asarray(jitted({"images": images}, key, settings=settings))
+
+    from_uint8 = views(jnp.asarray(pixels))
+    from_float = views(jnp.asarray(pixels, jnp.float32) / 255.0)
     assert from_uint8.dtype == np.float32 and from_uint8.shape == pixels.shape
     np.testing.assert_array_equal(from_uint8, from_float)
     # The same images in every view slot: the V view tensors must still get different draws.
-    same = jnp.repeat(jnp.asarray(pixels[:, :1]), 3, axis=1)
-    out = np.asarray(views(same, key, settings=settings))
+    out = views(jnp.repeat(jnp.asarray(pixels[:, :1]), 3, axis=1))
     assert not np.allclose(out[:, 0], out[:, 1]) and not np.allclose(out[:, 1], out[:, 2])
     nothing = dataclasses.replace(settings, color_on_device=False, blur=False)
-    np.testing.assert_allclose(views(jnp.asarray(pixels), key, settings=nothing), pixels / 255.0, atol=1e-7)
+    np.testing.assert_allclose(views(jnp.asarray(pixels), nothing), pixels / 255.0, atol=1e-7)
 
 
 def test_view_augment_from_config():
     from fnc_jax import config_base
 
-    augment = config_base.pretrain_config().augment
-    augment.on_device, augment.use_randaugment, augment.blur_sigma = True, False, "per_device"
-    settings = augment_jax.ViewAugment.from_config(augment, num_devices=8)
+    config = config_base.pretrain_config()
+    config.augment.on_device, config.augment.use_randaugment, config.augment.blur_sigma = True, False, "per_device"
+    settings = augment_jax.ViewAugment.from_config(config, num_devices=8)
     assert settings.color_on_device and settings.blur and settings.blur_sigma_groups == 8
-    augment.blur_sigma = "per_image"
-    assert augment_jax.ViewAugment.from_config(augment, num_devices=8).blur_sigma_groups is None
+    assert settings.image_size == config.data.image_size
+    config.augment.blur_sigma = "per_image"
+    assert augment_jax.ViewAugment.from_config(config, num_devices=8).blur_sigma_groups is None
+
+
+PHOTO = np.asarray(tf.image.resize(tf.constant(RNG.integers(0, 256, (12, 15, 3)), tf.float32), (60, 75)))
+
+
+@pytest.mark.parametrize("size", [24, 96])  # the crops (6 to 75 px) are both shrunk and enlarged
+def test_crop_resize_is_the_host_crop_resize_and_flip(size):
+    """The device cut of a view (`crop_on_device`) equals TF1's legacy bicubic resize of the host's crop
+    then its flip, over random crops, flips and crops touching every edge: same taps and weights, so
+    only float rounding differs (XLA fuses the sums; op by op it is bitwise)."""
+    image = tf.constant(np.clip(np.round(PHOTO), 0, 255).astype(np.uint8))  # smooth enough to overshoot
+    canvas, shape = augment.fit_canvas(image, 80)
+    assert canvas.shape == (80, 80, 3) and tuple(shape.numpy()) == (60, 75, 3)
+    np.testing.assert_array_equal(canvas.numpy()[:60, :75], image.numpy())
+    assert not canvas.numpy()[60:].any() and not canvas.numpy()[:, 75:].any()
+    cut = jax.jit(augment_jax.crop_resize, static_argnums=2)
+    flips = 0
+    for i in range(16):
+        seed = tf.constant([i, 5], tf.int64)
+        crop = augment.crop_and_flip(shape, seed).numpy()
+        crop_seed, flip_seed = augment._split(seed, 6)[:2]
+        host = augment.random_resized_crop(image, crop_seed, size=size, unit_scale=False)
+        host = augment.random_flip(host, flip_seed).numpy()
+        np.testing.assert_allclose(cut(jnp.asarray(canvas.numpy()), jnp.asarray(crop), size), host, rtol=1e-6, atol=1e-4)
+        flips += crop[4]
+    assert 3 <= flips <= 13
+    for crop in ([0, 0, 60, 75, 0], [54, 70, 6, 5, 1], [0, 69, 60, 6, 0]):  # whole image, corners, edges
+        host = augment.resize_bicubic_legacy(tf.cast(image, tf.float32)[crop[0]:crop[0] + crop[2], crop[1]:crop[1] + crop[3]], size, size)
+        host = host.numpy()[:, ::-1] if crop[4] else host.numpy()
+        np.testing.assert_allclose(cut(jnp.asarray(canvas.numpy()), jnp.asarray(crop), size), host, rtol=1e-6, atol=1e-4)
+
+
+def test_fit_canvas_shrinks_larger_images_keeping_the_aspect():
+    image = tf.constant(np.clip(np.round(PHOTO), 0, 255).astype(np.uint8))  # 60 x 75
+    canvas, shape = augment.fit_canvas(image, 30)
+    assert canvas.shape == (30, 30, 3) and tuple(shape.numpy()) == (24, 30, 3)
+    small = canvas.numpy()[:24].astype(np.float64)
+    assert not canvas.numpy()[24:].any()
+    assert abs(small.mean() - image.numpy().mean()) < 1.0  # area averaging keeps the mean
+
+
+def test_host_views_cut_canvases_per_view_and_clip():
+    settings = augment_jax.ViewAugment(
+        color_on_device=True, color_strength=1.0, blur=False, blur_sigma_groups=None, solarize_p=0.0, image_size=8
+    )
+    canvases = RNG.integers(0, 256, (2, 10, 10, 3)).astype(np.uint8)
+    crops = np.array([[[0, 0, 10, 10, 0], [2, 3, 4, 5, 1]], [[1, 1, 8, 9, 0], [0, 0, 10, 10, 1]]], np.int32)
+    views = np.asarray(augment_jax.host_views({"images": jnp.asarray(canvases), "crops": jnp.asarray(crops)}, settings))
+    assert views.shape == (2, 2, 8, 8, 3) and views.min() >= 0.0 and views.max() <= 1.0
+    for b in range(2):
+        for v in range(2):
+            one = np.clip(np.asarray(augment_jax.crop_resize(canvases[b], crops[b, v], 8)), 0, 255) / 255
+            np.testing.assert_allclose(views[b, v], one, rtol=1e-6)
+    unflipped = np.clip(np.asarray(augment_jax.crop_resize(canvases[1], np.array([0, 0, 10, 10, 0]), 8)), 0, 255)
+    np.testing.assert_allclose(views[1, 1], unflipped[:, ::-1] / 255, rtol=1e-6)  # flip = mirrored columns
+    raw = np.asarray(augment_jax.crop_resize(canvases[0], crops[0, 0], 8))
+    assert raw.min() < 0 or raw.max() > 255  # random pixels: the bicubic overshoot that host_views clips
+
+
+def test_augment_views_cuts_sharded_canvases_like_one_device():
+    """The train step's view path on a batch of canvases + crops sharded over 8 devices (as
+    `parallel.global_batch` makes it) gives the single-device views."""
+    from fnc_jax import parallel
+
+    settings = augment_jax.ViewAugment(
+        color_on_device=True, color_strength=1.0, blur=True, blur_sigma_groups=None, solarize_p=0.0, image_size=12
+    )
+    n, v, side = 16, 3, 20
+    height, width = RNG.integers(4, side + 1, (n, v)), RNG.integers(4, side + 1, (n, v))
+    offsets = [RNG.integers(0, side - height + 1), RNG.integers(0, side - width + 1)]
+    crops = np.stack([*offsets, height, width, RNG.integers(0, 2, (n, v))], axis=-1).astype(np.int32)
+    batch = {"images": RNG.integers(0, 256, (n, side, side, 3)).astype(np.uint8), "crops": crops}
+    step = jax.jit(augment_jax.augment_views, static_argnames="settings")
+    key = jax.random.key(4)
+    one = np.asarray(step(jax.tree.map(jnp.asarray, batch), key, settings=settings))
+    sharded = step(parallel.global_batch(batch, parallel.create_mesh(jax.devices()[:8])), key, settings=settings)
+    assert one.shape == (n, v, 12, 12, 3) and len(sharded.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(sharded), one, atol=1e-6)

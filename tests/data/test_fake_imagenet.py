@@ -46,7 +46,8 @@ def config(tmp_path_factory):
                 shuffle_buffer=None,
             ),
             augment=dict(
-                color_strength=1.0, use_randaugment=True, on_device=False, area_range=(0.08, 1.0)
+                color_strength=1.0, use_randaugment=True, on_device=False, crop_on_device=False,
+                area_range=(0.08, 1.0),
             ),
         )
     )

@@ -12,7 +12,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 from fake_imagenet import write_fake_image_folder  # noqa: E402
 
-from fnc_jax.data import augment, pipeline, sources  # noqa: E402
+from fnc_jax.data import augment, augment_jax, pipeline, sources  # noqa: E402
 
 IMAGE_SIZE = 16
 
@@ -36,7 +36,8 @@ def make_config(**data) -> ml_collections.ConfigDict:
                 **data,
             ),
             augment=dict(
-                color_strength=1.0, use_randaugment=False, on_device=False, area_range=(0.08, 1.0)
+                color_strength=1.0, use_randaugment=False, on_device=False, crop_on_device=False, canvas_size=0,
+                area_range=(0.08, 1.0),
             ),
         )
     )
@@ -92,6 +93,41 @@ def test_on_device_stream_is_uint8_crops_of_the_same_draws(mnist_stream):
         # Within one grey level: the rounding, plus float noise of the identity colour ops at .5 ties.
         np.testing.assert_allclose(y["images"] / 255.0, x["images"], atol=1 / 255)
         assert np.mean(np.abs(y["images"] / 255.0 - x["images"]) <= 0.5 / 255 + 1e-6) > 0.999
+
+
+def test_crop_on_device_stream_is_canvases_and_the_same_crops(mnist_stream):
+    """augment.crop_on_device sends each image once, on a canvas, with its views' crops and flips: cut on
+    the device, they are the on_device views (same draws, same legacy bicubic), up to float rounding."""
+    views, canvases = make_config(), make_config()
+    views.augment.on_device = True
+    canvases.augment.update(on_device=True, crop_on_device=True)  # canvas_size 0: MNIST's 28 px
+    a = take(pipeline.pretrain_iterator(views, process_index=0, process_count=2), 2)
+    b = take(pipeline.pretrain_iterator(canvases, process_index=0, process_count=2), 2)
+    settings = augment_jax.ViewAugment(
+        color_on_device=True, color_strength=1.0, blur=False, blur_sigma_groups=None, solarize_p=0.0,
+        image_size=IMAGE_SIZE,
+    )
+    for x, y in zip(a, b):
+        assert y["images"].shape == (4, 28, 28, 3) and y["images"].dtype == np.uint8
+        assert y["crops"].shape == (4, 3, 5) and y["crops"].dtype == np.int32
+        np.testing.assert_array_equal(x["labels"], y["labels"])
+        cut = np.asarray(augment_jax.host_views(y, settings)) * 255.0
+        np.testing.assert_allclose(cut, x["images"], atol=0.5 + 1e-3)  # the host rounds to uint8
+        assert np.mean(np.round(cut) == x["images"]) > 0.999  # ... and only float ties may round apart
+    assert set(np.concatenate([y["crops"][..., 4].ravel() for y in b])) == {0, 1}
+
+
+def test_crop_on_device_needs_a_canvas_size_when_image_sizes_vary(folder_config):
+    config = folder_config.copy_and_resolve_references()
+    config.augment.update(on_device=True, crop_on_device=True)
+    with pytest.raises(ValueError, match=r"augment\.canvas_size.*allowed.*512"):
+        pipeline.pretrain_iterator(config, process_index=0, process_count=1)
+    config.augment.canvas_size = 40
+    batch = next(pipeline.pretrain_iterator(config, process_index=0, process_count=1))
+    assert batch["images"].shape == (4, 40, 40, 3)
+    crops = batch["crops"]
+    top, left, height, width = (crops[..., i] for i in range(4))
+    assert (top >= 0).all() and (left >= 0).all() and (top + height <= 40).all() and (left + width <= 40).all()
 
 
 def test_resume_replays_the_uninterrupted_stream(mnist_stream):

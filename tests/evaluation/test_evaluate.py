@@ -461,6 +461,23 @@ def test_fn_analysis_precision_matches_direct_count(pretrained, tiny_data, tmp_p
     assert sum(histogram["same_label"]) + sum(histogram["different_label"]) == NUM_TEST * (4 * 64 - 4)
 
 
+def test_fn_analysis_views_cut_on_the_device_match_the_host_cut(pretrained, tiny_data, tmp_path):
+    """augment.crop_on_device in the FN analysis: views cut on the device from the canvases embed as the
+    host-cut views do (those are rounded to uint8, hence the tolerance), with the same colour draws."""
+    embeddings = []
+    for crop in (False, True):
+        c = eval_config("default_fn_analysis", pretrained, tiny_data)
+        c.batch_size = c.eval.batch_size = 64
+        c.fn_analysis.max_examples, c.fn_analysis.topks, c.fn_analysis.thresholds = 64, (1,), (0.5,)
+        c.fn_analysis.save_embeddings = True
+        c.augment.update(on_device=True, crop_on_device=crop)
+        evaluate.run(c, str(tmp_path / f"crop_{crop}"))
+        embeddings.append(np.load(tmp_path / f"crop_{crop}" / "embeddings.npz")["embeddings"])
+    assert embeddings[0].shape == (4, 64, 64)
+    np.testing.assert_allclose(embeddings[1], embeddings[0], atol=5e-3)
+    assert np.abs(embeddings[0][0] - embeddings[0][1]).max() > 0.05  # the views themselves differ
+
+
 def test_transfer_sweep_then_retrain(pretrained, tiny_data, tmp_path):
     c = eval_config("default_transfer", pretrained, tiny_data, arg=TINY_NAME)
     c.total_steps = 8
