@@ -23,6 +23,9 @@ The step is `train.train_step` built from `configs/imagenet.py` as `train.pretra
 `config.dtype` (default bfloat16: convolutions and matmuls in bf16; parameters, optimiser state, BatchNorm
 statistics and the loss in float32). `cost_analysis` counts a while loop's body once, so the step's
 rematerialised view-by-view loss scan is under-counted (about 0.3% of the step FLOPs at the official shapes).
+
+3. Prices `augment.crop_on_device` on the same device: `augment_jax.crop_resize_views` cutting the chosen
+   batch's views from 512 px canvases (tiny: 48 px), in ms per view and as a share of the step.
 """
 
 from __future__ import annotations
@@ -54,6 +57,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", help="also write the JSON here")
     common.add_cache_flags(p)
     return p.parse_args(argv)
+
+
+def time_crop_resize(batch: int, views: int, size: int, canvas: int, repeats: int) -> dict[str, Any]:
+    """Device time of `augment_jax.crop_resize_views` for `batch` canvases of side `canvas` with `views`
+    crops each (8-100% of a 3:4 image in the canvas's top-left), as `augment.crop_on_device` adds it."""
+    import jax
+    import numpy as np
+
+    from fnc_jax.data import augment_jax
+
+    rng = np.random.default_rng(0)
+    image_h, image_w = canvas * 3 // 4, canvas
+    height = rng.integers(image_h // 3, image_h + 1, (batch, views))
+    width = rng.integers(image_w // 3, image_w + 1, (batch, views))
+    crops = np.stack([image_h - height, image_w - width, height, width, rng.integers(0, 2, (batch, views))], -1)
+    canvases = jax.device_put(rng.integers(0, 256, (batch, canvas, canvas, 3), dtype=np.uint8))
+    crops = jax.device_put(crops.astype(np.int32))
+    cut = jax.jit(augment_jax.crop_resize_views, static_argnums=2)
+    compiled = cut.lower(canvases, crops, size).compile()
+    jax.block_until_ready(compiled(canvases, crops))
+    t = time.perf_counter()
+    for _ in range(repeats):
+        out = compiled(canvases, crops)
+    jax.block_until_ready(out)
+    seconds = (time.perf_counter() - t) / repeats
+    cost = compiled.cost_analysis() or {}
+    return {"canvas": canvas, "s_per_step": seconds, "ms_per_view": seconds * 1e3 / (batch * views),
+            "bytes_accessed_per_view": float(cost.get("bytes accessed", 0.0)) / (batch * views)}
 
 
 def is_oom(err: BaseException) -> bool:
@@ -198,6 +229,9 @@ def main(argv=None) -> dict[str, Any]:
                 "memory": entry["memory"],
             }
             del state, data
+            canvas = 48 if tiny else 512
+            chosen["crop_on_device"] = time_crop_resize(batch, views, cfg.data.image_size, canvas, steps)
+            chosen["crop_on_device"]["share_of_step"] = chosen["crop_on_device"]["s_per_step"] / step_s
             break
         except Exception as err:  # noqa: BLE001 (an OOM surfaces as several error types)
             if not is_oom(err):

@@ -25,6 +25,9 @@ Variants, at 224 px (V = 10 views per image, the official recipe) and at 32 px (
   - `pretrain_host`: the same without RandAugment (SimCLR's pipeline).
   - `pretrain_on_device_colour`: `augment.on_device=True`: the host only decodes, crops, resizes and flips;
     colour jitter / grayscale (and solarize) run in the jitted step (`augment_jax`).
+  - `pretrain_on_device_crop`: `augment.crop_on_device=True` as well: the host decodes, pads each image
+    onto a canvas (512 px at 224, 32 px at 32) and draws the V crop boxes and flips; the device cuts the
+    views (`device/crop_resize` prices that part on this CPU).
   - `eval`: evaluation preprocessing (centre crop 87.5 %, resize; 32 px: none), 1 view per image.
 
 `stages` (224 px, same pinning): cumulative host work per image with V views, using the functions of
@@ -55,8 +58,10 @@ from benchmarks import common
 
 COLOUR_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
                  "colorwheel")
-VARIANTS_224 = ("pretrain_host_randaugment", "pretrain_host", "pretrain_on_device_colour", "eval")
-VARIANTS_32 = ("pretrain_host_randaugment", "pretrain_host", "pretrain_on_device_colour", "eval")
+VARIANTS_224 = ("pretrain_host_randaugment", "pretrain_host", "pretrain_on_device_colour", "pretrain_on_device_crop",
+                "eval")
+VARIANTS_32 = VARIANTS_224
+CANVAS = {224: 512, 32: 32}  # crop_on_device canvas side: the 224 px set's photos are at most 500 px
 STAGES = ("decode", "decode_crop", "decode_crop_resize", "decode_crop_resize_flip_clip", "host_part_on_device_mode",
           "host_colour_no_randaugment", "host_colour_randaugment", "alternative_decode_crop_resize_bilinear",
           "host_part_on_device_mode_batched", "host_colour_no_randaugment_batched")
@@ -198,7 +203,9 @@ def _config(spec: dict[str, Any]):
     c.views.support_size = spec["views"] - 2
     variant = spec["variant"]
     c.augment.use_randaugment = variant == "pretrain_host_randaugment"
-    c.augment.on_device = variant == "pretrain_on_device_colour"
+    c.augment.on_device = variant in ("pretrain_on_device_colour", "pretrain_on_device_crop")
+    c.augment.crop_on_device = variant == "pretrain_on_device_crop"
+    c.augment.canvas_size = CANVAS[spec["image_size"]]
     return c
 
 
@@ -231,10 +238,22 @@ def _run_device(spec: dict[str, Any], tf) -> dict[str, Any]:
     from fnc_jax.data import augment_jax
 
     n, size = spec["images_per_batch"], spec["image_size"]
-    images = jax.device_put(np.random.default_rng(0).random((n, size, size, 3), dtype=np.float32))
-    fn = jax.jit(lambda x, k: augment_jax.pretrain_device_augment(
-        x, k, color_on_device=spec["color_on_device"], blur=spec["blur"]))
+    rng = np.random.default_rng(0)
     key = jax.random.PRNGKey(0)
+    if spec.get("canvas"):  # cut one view per canvas (a crop of 8-100% of the 500 x 375 image there)
+        canvas = spec["canvas"]
+        height, width = rng.integers(106, 376, n), rng.integers(141, 501, n)
+        crops = np.stack([375 - height, 500 - width, height, width, rng.integers(0, 2, n)], -1)
+        images = jax.device_put(rng.integers(0, 256, (n, canvas, canvas, 3), dtype=np.uint8))
+        crops = jax.device_put(crops[:, None].astype(np.int32))
+        cut = jax.jit(lambda x, c: augment_jax.crop_resize_views(x, c, size))
+        fn = lambda x, k: cut(x, crops)  # noqa: E731
+        cost = cut.lower(images, crops).compile().cost_analysis()
+    else:
+        images = jax.device_put(rng.random((n, size, size, 3), dtype=np.float32))
+        fn = jax.jit(lambda x, k: augment_jax.pretrain_device_augment(
+            x, k, color_on_device=spec["color_on_device"], blur=spec["blur"]))
+        cost = fn.lower(images, key).compile().cost_analysis()
     fn(images, key).block_until_ready()
 
     def batches():
@@ -246,6 +265,8 @@ def _run_device(spec: dict[str, Any], tf) -> dict[str, Any]:
     out = _time_iterator(batches, spec["warmup"], spec["batches"])
     out["images_per_cpu_s"] = n / out["cpu_s_per_batch"]
     out["images_per_wall_s"] = n / out["wall_s_per_batch"]
+    out["flops_per_view"] = float(cost.get("flops", 0.0)) / n
+    out["bytes_accessed_per_view"] = float(cost.get("bytes accessed", 0.0)) / n
     return out
 
 
@@ -377,6 +398,8 @@ def main(argv=None) -> dict[str, Any]:
         for name, colour, blur in (("colour_jitter_grayscale", True, False), ("blur", False, True)):
             specs[f"device/{name}"] = {**base, "kind": "device", "image_size": 224, "color_on_device": colour,
                                        "blur": blur, "images_per_batch": 16}
+        specs["device/crop_resize"] = {**base, "kind": "device", "image_size": 224, "canvas": CANVAS[224],
+                                       "images_per_batch": 16}
         if not args.no_stages:
             for s in STAGES:
                 specs[f"stages/{s}"] = {**base, "kind": "stage", "stage": s, "image_size": 224,
@@ -423,6 +446,8 @@ def main(argv=None) -> dict[str, Any]:
         if specs[k]["kind"] == "device":
             d = summary(k)
             d["ms_per_view_per_core"] = 1000 / d["images_per_s_per_core"]
+            d["flops_per_view"] = runs[k][0]["flops_per_view"]
+            d["bytes_accessed_per_view"] = runs[k][0]["bytes_accessed_per_view"]
             device[k.split("/", 1)[1]] = d
     ratios = {}
     for px in ("224px", "32px"):
@@ -433,6 +458,8 @@ def main(argv=None) -> dict[str, Any]:
         ratios[f"{px}/on_device_over_host"] = on / vps("pretrain_host")
         ratios[f"{px}/on_device_over_host_randaugment"] = on / vps("pretrain_host_randaugment")
         ratios[f"{px}/host_over_host_randaugment"] = vps("pretrain_host") / vps("pretrain_host_randaugment")
+        ratios[f"{px}/crop_on_device_over_host"] = vps("pretrain_on_device_crop") / vps("pretrain_host")
+        ratios[f"{px}/crop_on_device_over_on_device"] = vps("pretrain_on_device_crop") / on
     result: dict[str, Any] = {
         "benchmark": "input_pipeline",
         "quick": args.quick,
@@ -452,9 +479,10 @@ def main(argv=None) -> dict[str, Any]:
         "ratios": ratios,
         "device_side_on_this_cpu": {
             **device,
-            "note": "augment_jax.pretrain_device_augment jitted by XLA on one pinned CPU core, 224 px, per view: "
-            "the work augment.on_device adds to the train step (on an accelerator it is a few memory-bound "
-            "elementwise passes). Blur runs on the device in every mode.",
+            "note": "augment_jax.pretrain_device_augment (crop_resize: augment_jax.crop_resize_views from a 512 px "
+            "canvas) jitted by XLA on one pinned CPU core, 224 px, per view: the work augment.on_device "
+            "(crop_on_device) adds to the train step; on an accelerator these are a few memory-bound passes "
+            "(flops and bytes from XLA's cost analysis). Blur runs on the device in every mode.",
         },
         "target": {"on_device_over_host_views_per_core": 3.0},
     }

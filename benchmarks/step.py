@@ -165,7 +165,7 @@ def part_functions(bundle, state, batch) -> tuple[dict[str, tuple[Any, tuple]], 
 
     if s.augment.blur or s.augment.color_on_device:
         jobs["device_augment"] = (
-            jax.jit(lambda im, k: augment_jax.augment_views(im, k, s.augment), out_shardings=sharded),
+            jax.jit(lambda im, k: augment_jax.augment_views({"images": im}, k, s.augment), out_shardings=sharded),
             (images, key),
         )
         desc["device_augment"] = "augment_jax.augment_views on the (B, V, H, W, 3) batch"
