@@ -54,18 +54,21 @@ class Checkpoints:
         self.manager.close()
 
 
-def record_config(workdir: str | os.PathLike, config_dict: dict, *, start_over: bool) -> None:
+def record_config(
+    workdir: str | os.PathLike, config_dict: dict, *, start_over: bool, defaults: dict | None = None
+) -> None:
     """Writes `config.json`, refusing an incompatible config for an existing run (process 0 only).
 
     With `start_over`, an existing run (checkpoints, logs, config) is moved to
-    `workdir/previous-<time>/` rather than deleted, so nothing already written is lost.
+    `workdir/previous-<time>/` rather than deleted, so nothing already written is lost. `defaults` (the
+    base config) lets a run written before a field existed resume while that field is at its default.
     """
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / CONFIG_FILE
     if path.exists():
         old = json.loads(path.read_text())
-        changes = configuration.incompatible_changes(old, config_dict)
+        changes = configuration.incompatible_changes(old, config_dict, defaults)
         if changes and not start_over:
             raise ValueError(
                 f"The workdir {workdir} holds a run with a different config ({', '.join(changes)} changed). "

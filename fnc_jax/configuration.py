@@ -223,6 +223,32 @@ def _normalise(value: Any) -> Any:
     return list(value) if isinstance(value, (tuple, list)) else value
 
 
-def incompatible_changes(old: dict, new: dict) -> list[str]:
-    """Changed fields that a resumed run may not change (model, batch, views, objective, data...)."""
-    return [f for f in changed_fields(old, new) if not any(f.startswith(p) for p in RESUMABLE_CHANGES)]
+def incompatible_changes(old: dict, new: dict, defaults: dict | None = None) -> list[str]:
+    """Changed fields that a resumed run may not change (model, batch, views, objective, data...).
+
+    A field that `old` lacks (written before the field existed) and that `new` leaves at its value in
+    `defaults` (the code's base config) is no change: new fields default to the old behaviour.
+    """
+
+    def added_at_default(field: str) -> bool:
+        return (
+            defaults is not None
+            and _lookup(old, field) is _ABSENT
+            and _normalise(_lookup(new, field)) == _normalise(_lookup(defaults, field))
+        )
+
+    return [
+        f for f in changed_fields(old, new)
+        if not any(f.startswith(p) for p in RESUMABLE_CHANGES) and not added_at_default(f)
+    ]
+
+
+_ABSENT = object()
+
+
+def _lookup(tree: dict, field: str) -> Any:
+    for key in field.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return _ABSENT
+        tree = tree[key]
+    return tree

@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from clu import metric_writers
 from etils import epath
 
-from fnc_jax import checkpoints, configuration, parallel
+from fnc_jax import checkpoints, config_base, configuration, parallel
 from fnc_jax.data import sources
 from fnc_jax.evaluation import classification, features, fn_analysis, knn, restore, validation
 from fnc_jax.models import ClassifierModel
@@ -406,7 +406,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, start_over: bool = F
     info = sources.get_source_info(config.data)
     workdir_path = epath.Path(workdir)
     if jax.process_index() == 0:
-        checkpoints.record_config(workdir_path, config.to_dict(), start_over=start_over)
+        defaults = config_base.eval_config(config.mode).to_dict()
+        checkpoints.record_config(workdir_path, config.to_dict(), start_over=start_over, defaults=defaults)
     parallel.barrier("fnc_jax_eval_config recorded")
     mesh = parallel.create_mesh()
     _print(f"{config.mode}: pretrained weights from {source.describe()}; data {config.data.name} "

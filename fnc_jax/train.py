@@ -30,7 +30,7 @@ from flax import struct
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from fnc_jax import checkpoints, configuration, optim, parallel
+from fnc_jax import checkpoints, config_base, configuration, optim, parallel
 from fnc_jax.data import augment_jax, pipeline, sources
 from fnc_jax.models import ContrastiveModel
 from fnc_jax.objectives import FNConfig, fnc_loss, fnc_memory_loss, l2_normalize, update_memory
@@ -415,7 +415,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *, start_over: boo
         )
     workdir_path = epath.Path(workdir)
     if process_index == 0:
-        checkpoints.record_config(workdir_path, config.to_dict(), start_over=start_over)
+        defaults = config_base.pretrain_config().to_dict()
+        checkpoints.record_config(workdir_path, config.to_dict(), start_over=start_over, defaults=defaults)
     parallel.barrier("fnc_jax_config_recorded")  # moving an old run aside can take minutes
 
     _, warmup, total_steps = schedule_for(config, num_train)

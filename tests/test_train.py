@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from fnc_jax import checkpoints, configuration, parallel, train
+from fnc_jax import checkpoints, config_base, configuration, parallel, train
 from fnc_jax.objectives import FNConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -155,6 +155,26 @@ def test_incompatible_workdir_is_refused_and_start_over_keeps_the_old_run(tmp_pa
     backups = list(tmp_path.glob("previous-*"))
     assert len(backups) == 1 and (backups[0] / "checkpoints").is_dir() and (backups[0] / "config.json").exists()
     assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == 32
+
+
+def test_a_run_written_before_a_field_existed_resumes_while_it_is_at_its_default(tmp_path):
+    """config.json of an older version lacks the fields added since: at their defaults they are no change."""
+    defaults = config_base.pretrain_config().to_dict()
+    old = tiny_config().to_dict()
+    del old["augment"]["crop_on_device"], old["augment"]["canvas_size"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    checkpoints.record_config(tmp_path, tiny_config().to_dict(), start_over=False, defaults=defaults)
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    moved = tiny_config(**{"augment.on_device": True, "augment.crop_on_device": True})
+    with pytest.raises(ValueError, match=r"\(augment\.crop_on_device, augment\.on_device changed"):
+        checkpoints.record_config(tmp_path, moved.to_dict(), start_over=False, defaults=defaults)
+    with pytest.raises(ValueError, match=r"\(augment\.canvas_size, augment\.crop_on_device changed"):
+        checkpoints.record_config(tmp_path, tiny_config().to_dict(), start_over=False)  # no defaults given
+    # The quickstart sets the probe's LR multiplier to 0.1: a run from before it existed used 1.0.
+    del old["optim"]["probe_lr_multiplier"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"\(optim\.probe_lr_multiplier changed"):
+        checkpoints.record_config(tmp_path, tiny_config().to_dict(), start_over=False, defaults=defaults)
 
 
 @pytest.mark.parametrize(
