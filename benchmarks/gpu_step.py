@@ -61,19 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def time_crop_resize(batch: int, views: int, size: int, canvas: int, repeats: int) -> dict[str, Any]:
     """Device time of `augment_jax.crop_resize_views` for `batch` canvases of side `canvas` with `views`
-    crops each (8-100% of a 3:4 image in the canvas's top-left), as `augment.crop_on_device` adds it."""
+    crops each (`common.random_canvases`), as `augment.crop_on_device` adds it to the step."""
     import jax
-    import numpy as np
 
     from fnc_jax.data import augment_jax
 
-    rng = np.random.default_rng(0)
-    image_h, image_w = canvas * 3 // 4, canvas
-    height = rng.integers(image_h // 3, image_h + 1, (batch, views))
-    width = rng.integers(image_w // 3, image_w + 1, (batch, views))
-    crops = np.stack([image_h - height, image_w - width, height, width, rng.integers(0, 2, (batch, views))], -1)
-    canvases = jax.device_put(rng.integers(0, 256, (batch, canvas, canvas, 3), dtype=np.uint8))
-    crops = jax.device_put(crops.astype(np.int32))
+    canvases, crops = jax.device_put(common.random_canvases(batch, views, canvas))
     cut = jax.jit(augment_jax.crop_resize_views, static_argnums=2)
     compiled = cut.lower(canvases, crops, size).compile()
     jax.block_until_ready(compiled(canvases, crops))

@@ -238,19 +238,14 @@ def _run_device(spec: dict[str, Any], tf) -> dict[str, Any]:
     from fnc_jax.data import augment_jax
 
     n, size = spec["images_per_batch"], spec["image_size"]
-    rng = np.random.default_rng(0)
     key = jax.random.PRNGKey(0)
-    if spec.get("canvas"):  # cut one view per canvas (a crop of 8-100% of the 500 x 375 image there)
-        canvas = spec["canvas"]
-        height, width = rng.integers(106, 376, n), rng.integers(141, 501, n)
-        crops = np.stack([375 - height, 500 - width, height, width, rng.integers(0, 2, n)], -1)
-        images = jax.device_put(rng.integers(0, 256, (n, canvas, canvas, 3), dtype=np.uint8))
-        crops = jax.device_put(crops[:, None].astype(np.int32))
+    if spec.get("canvas"):  # cut one view per canvas
+        images, crops = jax.device_put(common.random_canvases(n, 1, spec["canvas"]))
         cut = jax.jit(lambda x, c: augment_jax.crop_resize_views(x, c, size))
         fn = lambda x, k: cut(x, crops)  # noqa: E731
         cost = cut.lower(images, crops).compile().cost_analysis()
     else:
-        images = jax.device_put(rng.random((n, size, size, 3), dtype=np.float32))
+        images = jax.device_put(np.random.default_rng(0).random((n, size, size, 3), dtype=np.float32))
         fn = jax.jit(lambda x, k: augment_jax.pretrain_device_augment(
             x, k, color_on_device=spec["color_on_device"], blur=spec["blur"]))
         cost = fn.lower(images, key).compile().cost_analysis()
