@@ -4,6 +4,8 @@ Each per-image op is `(image (H, W, 3) float32 in [0, 1], key) -> image`; the `b
 over per-image keys from `jax.random.split(key, N)`. The colour ops match the host ops in `augment.py`
 (TensorFlow's `adjust_*` kernels), so moving colour work onto the accelerator changes where it runs,
 not what it computes. Blur is always done here, batched over one view tensor (training_recipe.md §2.5).
+With `augment.crop_on_device` the views themselves are cut here too (`crop_resize`: TF1's legacy
+bicubic resize of the host's crop boxes, on canvases of the decoded images).
 """
 
 import dataclasses
@@ -238,7 +240,7 @@ def crop_resize(canvas: jax.Array, crop: jax.Array, size: int) -> jax.Array:
 
     `crop` = int32 (top, left, height, width, flip) from `augment.crop_and_flip`: the legacy bicubic
     resize of the crop, then the flip, as the host computes them, in two separable 4-tap passes
-    (rows, then columns, the order of TF's kernel). Values are not clipped: the bicubic overshoot is.
+    (rows, then columns, the order of TF's kernel). Not clipped: the bicubic overshoot remains.
     Each pass gathers whole rows (of the canvas, then of the transposed intermediate) and weights the 4
     taps with a float32 contraction: 5-6x faster on XLA:CPU than a gather along the second axis or a
     multiply-and-sum, and at full precision on GPUs (no TF32).
@@ -305,7 +307,8 @@ class ViewAugment:
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, num_devices: int) -> "ViewAugment":
-        """From `config.augment`; `blur_sigma='per_device'` draws one blur sigma per device group."""
+        """From `config.augment` and the view size `config.data.image_size`; `blur_sigma='per_device'`
+        draws one blur sigma per device group."""
         augment = config.augment
         return cls(
             color_on_device=bool(augment.on_device),
