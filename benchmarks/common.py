@@ -241,15 +241,16 @@ def random_batch(config, mesh, *, num_classes: int, seed: int = 0):
 
 def random_canvases(batch: int, views: int, canvas: int, seed: int = 0):
     """An `augment.crop_on_device` batch on the host: uint8 canvases (batch, canvas, canvas, 3) holding a
-    3:4 image at the top-left, and int32 crops (batch, views, 5) of 1/3 to all of each of its sides,
-    anchored at its bottom-right corner, with random flips."""
+    3:4 image at the top-left, and int32 crops (batch, views, 5): 1/3 to all of each of the image's
+    sides, anywhere in it, with random flips. Also the tests' canvas batches."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     image_h, image_w = canvas * 3 // 4, canvas
     height = rng.integers(image_h // 3, image_h + 1, (batch, views))
     width = rng.integers(image_w // 3, image_w + 1, (batch, views))
-    crops = np.stack([image_h - height, image_w - width, height, width, rng.integers(0, 2, (batch, views))], -1)
+    top, left = rng.integers(0, image_h - height + 1), rng.integers(0, image_w - width + 1)
+    crops = np.stack([top, left, height, width, rng.integers(0, 2, (batch, views))], -1)
     return rng.integers(0, 256, (batch, canvas, canvas, 3), dtype=np.uint8), crops.astype(np.int32)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from benchmarks import common
 from fnc_jax import checkpoints, config_base, configuration, parallel, train
 from fnc_jax.objectives import FNConfig
 
@@ -105,15 +106,10 @@ def test_step_cuts_views_from_sharded_canvases():
     """With augment.crop_on_device the sharded step cuts the views from (canvas, crops) itself: the same
     step as on the views cut beforehand and sent whole (to one device)."""
     config = tiny_config(**{"augment.on_device": True, "augment.crop_on_device": True, "augment.blur": True})
-    rng = np.random.default_rng(1)
-    n, v, side = config.batch_size, configuration.num_views(config), 20
-    height, width = rng.integers(4, side + 1, (n, v)), rng.integers(4, side + 1, (n, v))
-    crops = np.stack(
-        [rng.integers(0, side - height + 1), rng.integers(0, side - width + 1), height, width, rng.integers(0, 2, (n, v))],
-        axis=-1,
-    ).astype(np.int32)
-    canvases = rng.integers(0, 256, (n, side, side, 3)).astype(np.uint8)
-    batch = {"images": canvases, "crops": crops, "labels": rng.integers(0, 3, n).astype(np.int32)}
+    n, v = config.batch_size, configuration.num_views(config)
+    canvases, crops = common.random_canvases(n, v, canvas=20, seed=1)
+    labels = np.random.default_rng(1).integers(0, 3, n).astype(np.int32)
+    batch = {"images": canvases, "crops": crops, "labels": labels}
     settings = train.augment_jax.ViewAugment.from_config(config, num_devices=1)
     views = {"images": np.asarray(train.augment_jax.host_views(batch, settings)), "labels": batch["labels"]}
     assert views["images"].shape == (n, v, 16, 16, 3)
