@@ -1,0 +1,41 @@
+"""The FNC contrastive objective: multi-view NT-Xent with False Negative Cancellation, in pure JAX.
+
+This package imports nothing from the rest of fnc_jax, so it can be copied or imported on its own.
+The semantics follow the official implementation (google-research/fnc) exactly by default; the
+paper's variants (elimination, mean aggregation, support-only scoring, top-k or threshold alone) and an
+oracle selection are options of `FNConfig`. See `shared/spec/method.md` for the maths.
+
+Layout conventions (method.md §1):
+- `embeddings` are `(V, B, d)`: V views of the B samples held by this device. Views 0 and 1 are the
+  main views, 2..V-1 the support views.
+- Candidates are columns `c = v * N + g`: view v of global sample g, view-major over the global batch
+  of N = R * B samples (R devices along `axis_name`). Local sample i on device r has g = r * B + i.
+- With `axis_name` (inside `jax.shard_map` / `pmap`), candidates are all-gathered differentiably; the
+  loss and every metric are global (averaged over devices), so the sharded loss and its gradients
+  equal the single-device loss on the global batch.
+
+Modules: `fn_config` (settings), `layout` (normalisation, candidates, collectives), `selection`
+(false-negative identification and diagnostics), `fnc` (the FNC losses and the memory queue).
+
+Memory: by default (`low_memory=True`) the loss is computed view by view inside a rematerialised
+`lax.scan`, so the largest temporaries are `(B, C)` blocks (C = number of candidate columns) instead
+of the `(V, B, C)` stack of all views' similarities; the backward pass recomputes each view's block.
+"""
+
+from fnc_jax.objectives.fn_config import AGGREGATIONS, MODES, SELECTIONS, SUPPORT_SETS, FNConfig
+from fnc_jax.objectives.fnc import fnc_loss, fnc_memory_loss, update_memory
+from fnc_jax.objectives.layout import l2_normalize
+from fnc_jax.objectives.selection import false_negative_mask
+
+__all__ = [
+    "AGGREGATIONS",
+    "MODES",
+    "SELECTIONS",
+    "SUPPORT_SETS",
+    "FNConfig",
+    "false_negative_mask",
+    "fnc_loss",
+    "fnc_memory_loss",
+    "l2_normalize",
+    "update_memory",
+]

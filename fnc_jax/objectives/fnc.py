@@ -1,0 +1,263 @@
+"""The FNC loss: multi-view NT-Xent with false-negative attraction or elimination, in-batch and with a
+memory queue of EMA features (method §3, §5-7).
+
+Memory: by default (`low_memory=True`) the loss is computed view by view inside a rematerialised
+`lax.scan`, so the largest temporaries are `(B, C)` blocks (C = number of candidate columns) instead
+of the `(V, B, C)` stack of all views' similarities; the backward pass recomputes each view's block.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fnc_jax.objectives.fn_config import FNConfig
+from fnc_jax.objectives.layout import (
+    check_temperature,
+    device_index_and_count,
+    gather_samples,
+    global_mean,
+    own_columns,
+    prepare_embeddings,
+)
+from fnc_jax.objectives.selection import false_negative_mask, fn_metrics
+
+Array = jax.Array
+
+
+def _view_losses(
+    anchors: Array,
+    candidates: Array,
+    fn_mask: Array,
+    *,
+    num_samples: int,
+    global_ids: Array,
+    temperature: float,
+    mode: str,
+    low_memory: bool,
+) -> Array:
+    """(Va,) per-anchor-view mean over samples of L_a(i) (method.md §3, §5)."""
+    num_views, batch = anchors.shape[:2]
+    num_columns = candidates.shape[0]
+    col = jnp.arange(num_columns)
+    own = own_columns(num_columns, num_samples, num_views, global_ids)
+    col_view = col // num_samples
+
+    def view_loss(a: Array, z_a: Array) -> Array:
+        logits = (z_a @ candidates.T) / temperature  # (B, C)
+        is_self = own & (col_view == a)[None, :]
+        positives = own & ~is_self
+        in_denominator = ~is_self
+        targets = positives
+        if mode == "attraction":
+            targets = positives | fn_mask
+        elif mode == "elimination":
+            in_denominator &= ~fn_mask
+        lse = jax.nn.logsumexp(jnp.where(in_denominator, logits, -jnp.inf), axis=1)
+        target_mean = jnp.sum(jnp.where(targets, logits, 0.0), axis=1) / jnp.sum(targets, axis=1)
+        return jnp.mean(lse - target_mean)
+
+    views = jnp.arange(num_views)
+    if not low_memory:
+        return jax.vmap(view_loss)(views, anchors)
+    # Rematerialised scan: each view's (B, C) block is recomputed in the backward pass instead of
+    # all V blocks being stored, so peak memory grows like B*C, not V*B*C.
+    _, losses = jax.lax.scan(lambda carry, x: (carry, jax.checkpoint(view_loss)(*x)), None, (views, anchors))
+    return losses
+
+
+def _objective(
+    anchors: Array,
+    candidates: Array,
+    score_queries: Array,
+    score_candidates: Array,
+    *,
+    num_samples: int,
+    num_blocks: int,
+    sample_offset: Array | int,
+    temperature: float,
+    fn: FNConfig,
+    labels: Array | None,
+    candidate_labels: Array | None,
+    axis_name: str | None,
+    low_memory: bool,
+) -> tuple[Array, dict[str, Array]]:
+    """Shared core of the in-batch and memory losses, on already normalised float32 features."""
+    num_views, batch = anchors.shape[:2]
+    global_ids = sample_offset + jnp.arange(batch)
+    own = own_columns(candidates.shape[0], num_samples, num_views, global_ids)
+    if fn.mode == "none":
+        fn_mask = jnp.zeros_like(own)
+    else:
+        fn_mask = false_negative_mask(
+            score_queries,
+            score_candidates,
+            fn=fn,
+            num_samples=num_samples,
+            sample_offset=sample_offset,
+            labels=labels,
+            candidate_labels=candidate_labels,
+            low_memory=low_memory,
+        )
+    losses = _view_losses(
+        anchors,
+        candidates,
+        fn_mask,
+        num_samples=num_samples,
+        global_ids=global_ids,
+        temperature=temperature,
+        mode=fn.mode,
+        low_memory=low_memory,
+    )
+    # Sum of the per-view means, scaled by 2/V: SimCLR's two-direction sum at V = 2 (method.md §3).
+    loss = global_mean(jnp.sum(losses) * (2.0 / num_views), axis_name)
+    aux = fn_metrics(fn_mask, own, labels, candidate_labels, axis_name)
+    aux["fn_mask"] = fn_mask.reshape(batch, num_blocks, num_samples)
+    return loss, aux
+
+
+def fnc_loss(
+    embeddings: Array,
+    *,
+    temperature: float = 0.1,
+    hidden_norm: bool = True,
+    fn: FNConfig = FNConfig(),
+    axis_name: str | None = None,
+    labels: Array | None = None,
+    low_memory: bool = True,
+) -> tuple[Array, dict[str, Array]]:
+    """In-batch multi-view contrastive loss with false negative cancellation (method.md §3-6).
+
+    Args:
+      embeddings: `(V, B, d)` projections of V views of this device's B samples (any float dtype;
+        the loss is computed in float32).
+      temperature: tau of the softmax (a float, or a scalar array when traced).
+      hidden_norm: l2-normalise the embeddings first (cosine similarities); off = raw dot products.
+      fn: false-negative settings.
+      axis_name: mapped axis over which the global batch is spread; candidates are all-gathered
+        across it and the returned loss / metrics are global.
+      labels: optional `(B,)` integer labels of the local samples, for FN precision / recall and
+        the oracle selection.
+      low_memory: view-by-view computation (see module docstring). False vectorises over views and
+        stores all V blocks (about 8x the temporary memory); on CPU it is also slower
+        (benchmarks/objective.py), so it is only worth trying on accelerators with small blocks.
+
+    Returns:
+      `(loss, aux)`: the scalar loss (mean over devices of the per-device loss) and a dict with
+      `fn_mask` `(B, V, N)` bool (candidate view, global sample; reshape to `(B, V*N)` for the
+      official layout), `num_fn` `(B,)`, `mean_num_fn`, and with labels `fn_precision`,
+      `fn_recall` and their integer counts `fn_true`, `fn_selected`, `fn_same_label`.
+    """
+    check_temperature(temperature)
+    z = prepare_embeddings(embeddings, hidden_norm)
+    num_views, batch, dim = z.shape
+    device, num_devices = device_index_and_count(axis_name)
+    num_samples = batch * num_devices
+    gathered = gather_samples(z, axis_name, axis=1)  # (V, N, d), global view-major
+    candidate_labels = None
+    if labels is not None:
+        labels = labels.astype(jnp.int32)
+        candidate_labels = gather_samples(labels, axis_name, axis=0)
+    anchor_views = num_views if fn.support_as_positives else 2
+    candidates = gathered[:anchor_views].reshape(anchor_views * num_samples, dim)
+    return _objective(
+        z[:anchor_views],
+        candidates,
+        z,
+        candidates,
+        num_samples=num_samples,
+        num_blocks=anchor_views,
+        sample_offset=device * batch,
+        temperature=temperature,
+        fn=fn,
+        labels=labels,
+        candidate_labels=None if labels is None else jnp.tile(candidate_labels, anchor_views),
+        axis_name=axis_name,
+        low_memory=low_memory,
+    )
+
+
+def update_memory(memory: Array, gathered: Array) -> Array:
+    """Next memory queue (method.md §7): the newest rows first, the oldest dropped.
+
+    Args:
+      memory: `(M*N, ...)` current queue (features, or labels with -1 for empty rows).
+      gathered: `(V*N, ...)` this step's rows in global view-major order (e.g. the all-gathered EMA
+        features reshaped from `(V, N, d)`).
+
+    Returns:
+      `concat([gathered, memory[:M*N - V*N]])`, stop-gradient.
+    """
+    if gathered.shape[0] > memory.shape[0] or gathered.shape[1:] != memory.shape[1:]:
+        raise ValueError(
+            f"update_memory: gathered rows {gathered.shape} do not fit the memory {memory.shape} "
+            "(need V*N <= M*N rows of the same feature shape)."
+        )
+    new = jnp.concatenate([gathered.astype(memory.dtype), memory[: memory.shape[0] - gathered.shape[0]]], axis=0)
+    return jax.lax.stop_gradient(new)
+
+
+def fnc_memory_loss(
+    embeddings: Array,
+    ema_embeddings: Array,
+    memory: Array,
+    *,
+    temperature: float = 0.1,
+    hidden_norm: bool = True,
+    fn: FNConfig = FNConfig(),
+    axis_name: str | None = None,
+    labels: Array | None = None,
+    memory_labels: Array | None = None,
+    low_memory: bool = True,
+) -> tuple[Array, dict[str, Array]]:
+    """Memory-bank + EMA-encoder variant of the FNC loss (method.md §7, the official default path).
+
+    The anchors are the online embeddings; positives, negatives and false-negative candidates are rows
+    of `memory`, which must already hold this step's EMA features in its first V*N rows (pass
+    `update_memory(queue, gathered_ema)`); the anchor's own view is its EMA row a*N + g. False
+    negatives are scored with the anchor image's EMA features. Neither `ema_embeddings` nor `memory`
+    is re-normalised (they arrive normalised) and neither carries gradient.
+
+    Args:
+      embeddings: `(V, B, d)` online projections of this device's samples.
+      ema_embeddings: `(V, B, d)` l2-normalised EMA projections of the same views.
+      memory: `(M*N, d)` queue in global view-major row order, M >= V.
+      memory_labels: optional `(M*N,)` labels of the memory rows (-1 = empty), with `labels`.
+      Other arguments as in `fnc_loss`.
+
+    Returns:
+      `(loss, aux)` as `fnc_loss`, with `fn_mask` of shape `(B, M, N)` over memory rows.
+    """
+    check_temperature(temperature)
+    z = prepare_embeddings(embeddings, hidden_norm)
+    num_views, batch, _ = z.shape
+    if ema_embeddings.shape != embeddings.shape:
+        raise ValueError(f"ema_embeddings {ema_embeddings.shape} must have the shape of embeddings {embeddings.shape}.")
+    device, num_devices = device_index_and_count(axis_name)
+    num_samples = batch * num_devices
+    rows = memory.shape[0]
+    if rows % num_samples or rows // num_samples < num_views:
+        raise ValueError(
+            f"memory has {rows} rows; it must hold M * N rows with N = {num_samples} (global batch) and "
+            f"M >= V = {num_views}."
+        )
+    if not fn.support_as_positives:
+        raise ValueError("fn.support_as_positives=False is only available for the in-batch loss (fnc_loss).")
+    if labels is not None:
+        labels = labels.astype(jnp.int32)
+    memory = jax.lax.stop_gradient(memory.astype(jnp.float32))
+    return _objective(
+        z,
+        memory,
+        jax.lax.stop_gradient(ema_embeddings.astype(jnp.float32)),
+        memory,
+        num_samples=num_samples,
+        num_blocks=rows // num_samples,
+        sample_offset=device * batch,
+        temperature=temperature,
+        fn=fn,
+        labels=labels,
+        candidate_labels=memory_labels,
+        axis_name=axis_name,
+        low_memory=low_memory,
+    )

@@ -1,0 +1,131 @@
+"""False-negative identification (method §4): support views, max/mean scores, top-k and/or threshold,
+oracle; and the FN diagnostics (|F| per sample, global precision and recall)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fnc_jax.objectives.fn_config import FNConfig
+from fnc_jax.objectives.layout import global_mean, global_sum, own_columns
+
+Array = jax.Array
+
+
+def _support_views(queries: Array, fn: FNConfig) -> Array:
+    if fn.support_set == "all_views":
+        return queries
+    if queries.shape[0] < 3:
+        raise ValueError(
+            f"fn.support_set='support_only' needs support views, but the embeddings have "
+            f"{queries.shape[0]} views (support_size = {queries.shape[0] - 2}): use support_size >= 1 or "
+            "support_set='all_views'."
+        )
+    return queries[2:]
+
+
+def _aggregate_scores(queries: Array, candidates: Array, aggregation: str, low_memory: bool) -> Array:
+    """(B, C) max or mean over the U query views of the raw scores <q_u, K_c>."""
+    if not low_memory:
+        scores = jnp.einsum("ubd,cd->ubc", queries, candidates)
+        return jnp.max(scores, axis=0) if aggregation == "max" else jnp.mean(scores, axis=0)
+
+    def body(acc, q):
+        s = q @ candidates.T
+        return (jnp.maximum(acc, s) if aggregation == "max" else acc + s), None
+
+    # Starting from view 0's scores (not a constant) keeps the carry's sharding type under shard_map.
+    acc, _ = jax.lax.scan(body, queries[0] @ candidates.T, queries[1:])
+    return acc if aggregation == "max" else acc / queries.shape[0]
+
+
+def _select(scores: Array, own: Array, num_candidates: int, fn: FNConfig, same_label: Array | None) -> Array:
+    """Selection of method.md §4.5 on (B, C) aggregated scores; own columns never selected.
+
+    `num_candidates` (static) is the number of non-own columns per row, the clamp for k.
+    """
+    if fn.selection == "oracle":
+        return same_label & ~own
+    masked = jnp.where(own, -jnp.inf, scores)
+    selected = ~own
+    if fn.uses_threshold:
+        selected &= masked > fn.threshold  # strict >, on the raw cosine
+    if fn.uses_topk:
+        k = min(fn.topk, num_candidates)
+        if k == 0:
+            return jnp.zeros_like(own)
+        _, idx = jax.lax.top_k(masked, k)  # ties: the lower column index wins, as in the official code
+        rows = jnp.arange(scores.shape[0])[:, None]
+        selected &= jnp.zeros_like(own).at[rows, idx].set(True)
+    return selected
+
+
+def false_negative_mask(
+    queries: Array,
+    candidates: Array,
+    *,
+    fn: FNConfig = FNConfig(),
+    num_samples: int,
+    sample_offset: Array | int = 0,
+    labels: Array | None = None,
+    candidate_labels: Array | None = None,
+    low_memory: bool = True,
+) -> Array:
+    """Identifies the false negatives of B anchor images among candidate columns (method.md §4).
+
+    Args:
+      queries: `(V, B, d)` features of the anchor images' V views (l2-normalised for cosine scores).
+      candidates: `(C, d)` candidate features; column c = v * N + g is view v of global sample g.
+      fn: selection settings (`mode` is ignored here).
+      num_samples: N, the number of samples per view block of `candidates`.
+      sample_offset: global id of local sample 0 (device index * B).
+      labels: `(B,)` anchor labels, needed by `selection='oracle'`.
+      candidate_labels: `(C,)` candidate labels (negative = unknown, never same-label).
+      low_memory: score view by view (memory B*C) rather than all views at once (V*B*C).
+
+    Returns:
+      `(B, C)` bool mask, stop-gradient: the anchor image's own columns v*N + g (v < V) are never
+      selected; ties in top-k keep the lower column index; k is clamped to the candidate count.
+    """
+    num_views, batch = queries.shape[:2]
+    if fn.selection == "oracle" and (labels is None or candidate_labels is None):
+        raise ValueError("fn.selection='oracle' needs labels: pass labels (and candidate labels).")
+    queries = jax.lax.stop_gradient(queries.astype(jnp.float32))
+    candidates = jax.lax.stop_gradient(candidates.astype(jnp.float32))
+    global_ids = sample_offset + jnp.arange(batch)
+    num_columns = candidates.shape[0]
+    own = own_columns(num_columns, num_samples, num_views, global_ids)
+    num_candidates = num_columns - min(num_views, num_columns // num_samples)
+    same_label = None
+    if labels is not None and candidate_labels is not None:
+        same_label = (labels[:, None] == candidate_labels[None, :]) & (candidate_labels[None, :] >= 0)
+    scores = None
+    if fn.selection != "oracle":
+        scores = _aggregate_scores(_support_views(queries, fn), candidates, fn.aggregation, low_memory)
+    return jax.lax.stop_gradient(_select(scores, own, num_candidates, fn, same_label))
+
+
+def fn_metrics(
+    fn_mask: Array,
+    own: Array,
+    labels: Array | None,
+    candidate_labels: Array | None,
+    axis_name: str | None,
+) -> dict[str, Array]:
+    """|F| per sample and, with labels, the global precision / recall of the selection."""
+    num_fn = jnp.sum(fn_mask, axis=1)
+    metrics = {"num_fn": num_fn, "mean_num_fn": global_mean(jnp.mean(num_fn.astype(jnp.float32)), axis_name)}
+    if labels is None or candidate_labels is None:
+        return metrics
+    same = (labels[:, None] == candidate_labels[None, :]) & (candidate_labels[None, :] >= 0) & ~own
+    true_fn = global_sum(jnp.sum(fn_mask & same), axis_name)
+    selected = global_sum(jnp.sum(fn_mask), axis_name)
+    same_total = global_sum(jnp.sum(same), axis_name)
+    metrics.update(
+        fn_true=true_fn,
+        fn_selected=selected,
+        fn_same_label=same_total,
+        fn_precision=true_fn / jnp.maximum(selected, 1),
+        fn_recall=true_fn / jnp.maximum(same_total, 1),
+    )
+    return metrics
