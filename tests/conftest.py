@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-GOLDEN_PATH = REPO_ROOT.parent / "shared" / "golden" / "fnc_reference_loss.npz"
+GOLDEN_PATH = REPO_ROOT / "tests" / "golden" / "fnc_reference_loss.npz"
 
 
 def pytest_configure(config):
@@ -22,8 +22,5 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def golden_path() -> pathlib.Path:
     if not GOLDEN_PATH.exists():
-        raise FileNotFoundError(
-            f"Reference fixture not found at {GOLDEN_PATH}. The tests expect the project's shared/ "
-            "folder next to the repository checkout (../shared/golden/fnc_reference_loss.npz)."
-        )
+        raise FileNotFoundError(f"Reference fixture not found at {GOLDEN_PATH} (it is part of the repository).")
     return GOLDEN_PATH

@@ -84,7 +84,7 @@ def random_embeddings(seed, v, b, d=16, clusters=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Parity with the official implementation (../shared/golden).
+# Parity with the official implementation (tests/golden/README.md).
 
 
 def _golden_groups(golden_path):
