@@ -3,7 +3,7 @@
 Import order matters: `set_device_count` edits XLA_FLAGS and must run before JAX is imported, so this
 module imports JAX (and fnc_jax) lazily, inside the functions that need it.
 
-The train step is built exactly as `fnc_jax.train.pretrain` builds it (validation, schedule, models,
+The train step is built exactly as `fnc_jax.pretrain.run` builds it (validation, schedule, models,
 optimiser with parameter masks, `StepSettings`, `jax.jit(train_step, donate_argnums=0)` with replicated
 outputs); only the data is synthetic (uniform [0, 1) views, random labels), because a benchmark of the
 step must not wait on the input pipeline (which has its own benchmark).
@@ -178,15 +178,15 @@ def small_config(
 
 
 # ----------------------------------------------------------------------------------------------
-# The train step, built as `train.pretrain` builds it.
+# The train step, built as `pretrain.run` builds it.
 
 
 def build_step(config, mesh, *, num_classes: int = 10, num_train: int = IMAGENET_TRAIN_EXAMPLES):
-    """The validated config's `train.StepProgram`, exactly as `train.pretrain` builds it."""
-    from fnc_jax import configuration, train
+    """The validated config's `step.StepProgram`, exactly as `pretrain.run` builds it."""
+    from fnc_jax import configuration, step
 
     fn = configuration.validate_pretrain(config, num_devices=mesh.size)
-    return train.build_step(config, fn, mesh, num_classes=num_classes, num_train=num_train)
+    return step.build_step(config, fn, mesh, num_classes=num_classes, num_train=num_train)
 
 
 def abstract_state(bundle):
@@ -195,9 +195,9 @@ def abstract_state(bundle):
 
     import jax
 
-    from fnc_jax import parallel, train
+    from fnc_jax import parallel, step
 
-    init = functools.partial(train.init_state, bundle.config, bundle.model, bundle.ema_model, bundle.tx)
+    init = functools.partial(step.init_state, bundle.config, bundle.model, bundle.ema_model, bundle.tx)
     shapes = jax.eval_shape(init)
     sharding = parallel.replicated(bundle.mesh)
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)

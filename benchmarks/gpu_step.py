@@ -14,7 +14,7 @@ chip), within 8 minutes including compiles and warm-up:
    then compiles and runs that one, stepping down the list on a predicted or real out-of-memory error.
 2. Times `--steps` steps after 2 warm-up steps (synthetic views already on the device: the step alone,
    not the input pipeline), and prints images/s, views/s, the step's FLOPs from XLA's `cost_analysis()`,
-   the achieved TFLOP/s and the MFU against the chip's dense bf16 peak (`fnc_jax.train.PEAK_FLOPS`).
+   the achieved TFLOP/s and the MFU against the chip's dense bf16 peak (`fnc_jax.loop.PEAK_FLOPS`).
 
 On a machine without an accelerator (platform detected by JAX) it runs a tiny model instead (ResNet-18 at
 1/8 width, 32 px, V = 4, memory 8x) with the same code path, so a CPU test keeps the script working.
@@ -94,7 +94,7 @@ def main(argv=None) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from fnc_jax import parallel, train
+    from fnc_jax import loop, parallel
     from benchmarks.compile_time import load_config
 
     cache_dir = common.enable_compile_cache(args)
@@ -116,7 +116,7 @@ def main(argv=None) -> dict[str, Any]:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     limit = args.assume_bytes_limit or (stats or {}).get("bytes_limit")
     kind = device.device_kind
-    peak = next((v for k, v in train.PEAK_FLOPS.items() if k in kind), None)
+    peak = next((v for k, v in loop.PEAK_FLOPS.items() if k in kind), None)
     common.log(f"{kind} ({platform}), memory limit {limit}, peak {peak}; ResNet-{config.model.depth} "
                f"{config.data.image_size}px V={views} {config.dtype}; candidates {candidates}")
 
@@ -245,7 +245,7 @@ def main(argv=None) -> dict[str, Any]:
         "command": "python -m benchmarks.gpu_step " + " ".join(sys.argv[1:] if argv is None else argv),
         "compile_cache_dir": cache_dir,
         "units": {"throughput": "images/s and views/s on one device", "flops": "FLOPs per step (cost_analysis)",
-                  "mfu": "achieved FLOP/s / peak dense bf16 FLOP/s of the chip (train.PEAK_FLOPS)"},
+                  "mfu": "achieved FLOP/s / peak dense bf16 FLOP/s of the chip (loop.PEAK_FLOPS)"},
         "device": {"kind": kind, "platform": platform, "bytes_limit": limit},
         "shapes": {"depth": config.model.depth, "width_multiplier": config.model.width_multiplier,
                    "image_size": config.data.image_size, "views": views, "memory_multiplier": config.memory.multiplier,

@@ -8,7 +8,7 @@ Usage (from the repository root):
 
 Prints ONE JSON object to stdout (progress goes to stderr).
 
-`variants`: images/s and views/s of `fnc_jax.train.train_step` (jitted exactly as `train.pretrain` jits it,
+`variants`: images/s and views/s of `fnc_jax.step.train_step` (jitted exactly as `pretrain.run` jits it,
 synthetic data already on the devices, compile and warm-up excluded, median of `--repeats` samples taken
 round-robin over the variants so that the machine's load hits all of them alike) for
 
@@ -19,8 +19,10 @@ round-robin over the variants so that the machine's load hits all of them alike)
 
 with the same model and global batch. `ratios` compares them.
 
-`breakdown`: each part's share of the step, from jitted sub-functions on the step's own shapes and
-shardings, timed round-robin like the step (see `method` in the JSON): device augmentation, encoder
+`breakdown`: each part's share of the step, from the step's own parts (`fnc_jax.step`: `augment`,
+`encode`, `ema_targets`, `contrastive_loss`, `apply_gradients`, `keep_if_finite`) and a few finer
+sub-measurements, jitted on the step's own shapes and shardings and timed round-robin like the step
+(see `method` in the JSON): device augmentation, encoder
 forward + backward, projection head forward + backward, gradient all-reduce, EMA forward, cross-device
 gather, FN identification, loss (+ its gradient), optimiser + state update. The parts are timed in
 isolation, so XLA's fusion across part boundaries and the step's scheduling are not in them: `residual`
@@ -141,9 +143,8 @@ def part_functions(bundle, state, batch) -> tuple[dict[str, tuple[Any, tuple]], 
     import optax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from fnc_jax import configuration, objectives, parallel, train
-    from fnc_jax.data import augment_jax
-    from fnc_jax.models import ProjectionHead, resnet_feature_dim
+    from fnc_jax import objectives, parallel, step
+    from fnc_jax.models import ProjectionHead, factory, resnet_feature_dim
 
     s, mesh, model, cfg = bundle.settings, bundle.mesh, bundle.model, bundle.config
     state = jax.tree.map(lambda x: x.copy(), state)  # own buffers: the timed steps donate theirs
@@ -156,7 +157,6 @@ def part_functions(bundle, state, batch) -> tuple[dict[str, tuple[Any, tuple]], 
     key = jax.random.PRNGKey(1)
     images = batch["images"]
     labels = batch["labels"]
-    flat = jax.device_put(images.reshape(b * v, *images.shape[2:]), sharded)
     rng = jax.random.PRNGKey(2)
     projection = jax.device_put(objectives.l2_normalize(jax.random.normal(rng, (b, v, d))), sharded)
 
@@ -164,15 +164,11 @@ def part_functions(bundle, state, batch) -> tuple[dict[str, tuple[Any, tuple]], 
     desc: dict[str, str] = {}
 
     if s.augment.blur or s.augment.color_on_device:
-        jobs["device_augment"] = (
-            jax.jit(lambda im, k: augment_jax.augment_views({"images": im}, k, s.augment), out_shardings=sharded),
-            (images, key),
-        )
-        desc["device_augment"] = "augment_jax.augment_views on the (B, V, H, W, 3) batch"
+        jobs["device_augment"] = (jax.jit(lambda bt, k: step.augment(bt, k, s), out_shardings=sharded), (batch, key))
+        desc["device_augment"] = "step.augment: the device-side view augmentation of the (B, V, H, W, 3) batch"
 
     def forward(params, batch_stats, x):
-        out, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
-        return out
+        return step.encode(model, params, batch_stats, x)[0]
 
     def forward_backward(params, batch_stats, x, cot):
         def surrogate(p):
@@ -187,7 +183,7 @@ def part_functions(bundle, state, batch) -> tuple[dict[str, tuple[Any, tuple]], 
     cot = jax.device_put(jnp.ones((b * v, d), jnp.float32) / (b * v), sharded)
     jobs["online_forward_backward"] = (
         jax.jit(forward_backward, out_shardings=replicated),
-        (state.params, state.batch_stats, flat, cot),
+        (state.params, state.batch_stats, images, cot),
     )
     desc["online_forward_backward"] = (
         "value_and_grad of <projection, cotangent> (+ probe) w.r.t. the replicated params: encoder + head "
@@ -198,10 +194,10 @@ def part_functions(bundle, state, batch) -> tuple[dict[str, tuple[Any, tuple]], 
         hidden_dim=cfg.model.proj_hidden_dim or resnet_feature_dim(cfg.model.depth, cfg.model.width_multiplier),
         num_layers=cfg.model.proj_layers,
         out_dim=d,
-        dtype=configuration.compute_dtype(cfg),
+        dtype=factory.compute_dtype(cfg),
     )
     feats = jax.jit(lambda p, bs, x: forward(p, bs, x)["features"], out_shardings=sharded)(
-        state.params, state.batch_stats, flat
+        state.params, state.batch_stats, images
     )
 
     def head_forward_backward(hp, hbs, x, cot):
@@ -229,12 +225,11 @@ def part_functions(bundle, state, batch) -> tuple[dict[str, tuple[Any, tuple]], 
 
     if s.use_memory:
 
-        def ema_forward(ep, ebs, x):
-            out, _ = bundle.ema_model.apply({"params": ep, "batch_stats": ebs}, x, train=True, mutable=["batch_stats"])
-            return objectives.l2_normalize(out["projection"].reshape(b, v, -1))
-
-        jobs["ema_forward"] = (jax.jit(ema_forward, out_shardings=sharded), (state.ema_params, state.ema_batch_stats, flat))
-        desc["ema_forward"] = "EMA encoder + head forward (train-mode BN) and l2 normalisation"
+        jobs["ema_targets"] = (
+            jax.jit(lambda st, x, y: step.ema_targets(bundle.ema_model, st, x, y, s), out_shardings=replicated),
+            (state, images, labels),
+        )
+        desc["ema_targets"] = "step.ema_targets: EMA encoder + head forward (train-mode BN), l2 normalisation, queue update"
 
         def queue_update(memory, memory_labels, ema, y):
             memory = objectives.update_memory(memory, jnp.swapaxes(ema, 0, 1).reshape(v * b, -1))
@@ -246,7 +241,7 @@ def part_functions(bundle, state, batch) -> tuple[dict[str, tuple[Any, tuple]], 
         )
         desc["cross_device_gather"] = (
             "memory mode: all-gather of this step's EMA features (and labels) into the replicated queue "
-            "(update_memory on global arrays, as in the step)"
+            "(update_memory on global arrays, the end of step.ema_targets)"
         )
     else:
         views_in_loss = v if s.fn.support_as_positives else 2
@@ -267,23 +262,17 @@ def part_functions(bundle, state, batch) -> tuple[dict[str, tuple[Any, tuple]], 
             "(reduce-scatter) in the backward pass, under shard_map as in the loss"
         )
 
-    loss_args = [projection, labels]
-    mem_args = ()
+    targets = step.Targets(None, None, None, None)
     if s.use_memory:
         memory = objectives.update_memory(state.memory, jnp.swapaxes(projection, 0, 1).reshape(v * b, -1))
-        mem_args = (projection, jax.device_put(memory, replicated), state.memory_labels)
+        targets = step.Targets(projection, jax.device_put(memory, replicated), state.memory_labels, None)
 
-    def loss_and_grad(p, y, *extra):
-        ema_p, mem, mem_labels = extra if extra else (None, None, None)
+    def loss_and_grad(p, y, targets):
+        return jax.value_and_grad(lambda p: step.contrastive_loss(s, mesh, p, y, targets)[0])(p)
 
-        def f(p):
-            return train._contrastive_loss(s, mesh, p, y, ema_p, mem, mem_labels)[0]
-
-        return jax.value_and_grad(f)(p)
-
-    jobs["loss_and_grad"] = (jax.jit(loss_and_grad), (*loss_args, *mem_args))
+    jobs["loss_and_grad"] = (jax.jit(loss_and_grad), (projection, labels, targets))
     desc["loss_and_grad"] = (
-        "value_and_grad of train._contrastive_loss w.r.t. the (B, V, d) projections: candidate gather (in-batch), "
+        "value_and_grad of step.contrastive_loss w.r.t. the (B, V, d) projections: candidate gather (in-batch), "
         "FN identification, loss and backward"
     )
 
@@ -292,7 +281,7 @@ def part_functions(bundle, state, batch) -> tuple[dict[str, tuple[Any, tuple]], 
 
         if s.use_memory:
             queries = jnp.swapaxes(projection, 0, 1)
-            candidates = mem_args[1]
+            candidates = targets.memory
             blocks_n = b
         else:
             views_in_loss = v if fn.support_as_positives else 2
@@ -319,19 +308,12 @@ def part_functions(bundle, state, batch) -> tuple[dict[str, tuple[Any, tuple]], 
     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), state.params)
 
     def tail(state, grads):
-        # The step after value_and_grad, as train_step writes it.
-        updates, opt_state = bundle.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema_params = state.ema_params
-        if s.use_memory:
-            dec = s.ema_decay
-            ema_params = jax.tree.map(
-                lambda e, p: dec * e + (1.0 - dec) * p, state.ema_params, {k: params[k] for k in train.EMA_MODULES}
-            )
+        # The step after value_and_grad: step.apply_gradients, the norms, step.keep_if_finite.
+        params, opt_state, ema_params, updates = step.apply_gradients(state, grads, tx=bundle.tx, settings=s)
         norms = (optax.global_norm(grads), optax.global_norm(params), optax.global_norm(updates))
         finite = jnp.isfinite(norms[0])
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
-        return jax.tree.map(lambda a, o: jnp.where(finite, a, o), new, state), norms
+        return step.keep_if_finite(finite, new, state), norms
 
     jobs["optimizer_and_state_update"] = (jax.jit(tail, out_shardings=replicated), (state, grads))
     desc["optimizer_and_state_update"] = (
@@ -364,7 +346,8 @@ def derive_shares(step_s: float, t: dict[str, float], use_memory: bool) -> dict[
         - t["gradient_all_reduce"],
         "projection_head_forward_backward": t["projection_head_forward_backward"],
         "gradient_all_reduce": t["gradient_all_reduce"],
-        "ema_forward": t.get("ema_forward", 0.0),
+        # memory mode: ema_targets holds the EMA forward pass and the queue update (the gather).
+        "ema_forward": t.get("ema_targets", 0.0) - (gather if use_memory else 0.0),
         "cross_device_gather": gather,
         "fn_identification": t.get("fn_identification", 0.0),
         # loss_and_grad contains the mask and, in-batch, the candidate gather (memory mode: no gather in the loss).

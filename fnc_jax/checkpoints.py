@@ -19,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from fnc_jax import configuration
+from fnc_jax import configuration, errors
 
 CONFIG_FILE = "config.json"
 
@@ -64,13 +64,16 @@ def record_config(
     base config) lets a run written before a field existed resume while that field is at its default.
     """
     workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _unusable_workdir(workdir, error) from None
     path = workdir / CONFIG_FILE
     if path.exists():
         old = json.loads(path.read_text())
         changes = configuration.incompatible_changes(old, config_dict, defaults)
         if changes and not start_over:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"The workdir {workdir} holds a run with a different config ({', '.join(changes)} changed). "
                 "Use another --workdir, restore those values, or pass --start_over to move the old run to "
                 "workdir/previous-<time>/ and start again."
@@ -81,9 +84,17 @@ def record_config(
             for entry in workdir.iterdir():
                 if entry.name != backup.name and not entry.name.startswith("previous-"):
                     entry.rename(backup / entry.name)
-    tmp = workdir / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(config_dict, indent=2, sort_keys=True))
-    tmp.replace(path)  # atomic overwrite: a kill never leaves a half-written config.json
+    try:
+        write_json_atomic(path, config_dict)  # a kill never leaves a half-written config.json
+    except OSError as error:
+        raise _unusable_workdir(workdir, error) from None
+
+
+def _unusable_workdir(workdir: epath.Path, error: OSError) -> errors.ConfigError:
+    return errors.ConfigError(
+        f"--workdir={str(workdir)!r} is invalid ({error.strerror or error}): allowed are writable directories, "
+        "or paths where one can be created."
+    )
 
 
 def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:

@@ -11,7 +11,7 @@ import ml_collections
 
 def pretrain_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "pretrain"
+    c.mode = PRETRAIN
     c.seed = 0
     c.batch_size = 4096  # global, in images (each gives 2 + support_size views)
     c.epochs = 100
@@ -97,6 +97,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
     return c
 
 
+PRETRAIN = "pretrain"
+# The evaluation modes (`fnc_jax.evaluate`) and the config sections each adds to the common fields.
 EVAL_SECTIONS = {
     "linear_eval": ("optim",),
     "finetune": ("optim", "finetune"),
@@ -104,6 +106,8 @@ EVAL_SECTIONS = {
     "fn_analysis": ("fn_analysis", "augment"),
     "transfer": ("optim", "finetune", "transfer"),
 }
+MODES = (PRETRAIN, *EVAL_SECTIONS)
+TRAINED_MODES = tuple(mode for mode, sections in EVAL_SECTIONS.items() if "optim" in sections)
 
 
 def eval_config(mode: str) -> ml_collections.ConfigDict:
@@ -118,7 +122,7 @@ def eval_config(mode: str) -> ml_collections.ConfigDict:
     batch 1024, 90 epochs; the fine-tuning recipe (§6) changes the optimiser to LARS.
     """
     if mode not in EVAL_SECTIONS:
-        raise ValueError(f"eval_config(mode={mode!r}): allowed modes are {', '.join(EVAL_SECTIONS)}.")
+        raise ValueError(f"eval_config(mode={mode!r}) is invalid: allowed modes are {', '.join(EVAL_SECTIONS)}.")
     base = pretrain_config()
     c = ml_collections.ConfigDict()
     c.mode = mode

@@ -41,6 +41,8 @@ from collections.abc import Mapping
 from absl import flags
 from absl import logging
 
+from fnc_jax import errors
+
 # Env var names JAX's cluster detection (jax/_src/clusters/*.py in jax 0.10.2) reads.
 # SlurmCluster.is_env_present needs all of these; `srun` sets them for every task. A bare
 # `sbatch` script (no srun) has SLURM_NTASKS but no SLURM_STEP_NODELIST, so it is correctly not
@@ -135,7 +137,7 @@ def initialize(
     given = [name for name, value in explicit.items() if value is not None]
     if given and len(given) < len(explicit):
         missing = [f"--{name}" for name, value in explicit.items() if value is None]
-        raise ValueError(
+        raise errors.ConfigError(
             f"Multi-process flags must be given all together or not at all: got "
             f"{', '.join('--' + g for g in given)} but missing {', '.join(missing)}."
         )
@@ -147,9 +149,9 @@ def initialize(
 
     if given:
         if num_processes < 1:
-            raise ValueError(f"--num_processes must be >= 1, got {num_processes}.")
+            raise errors.ConfigError(f"--num_processes must be >= 1, got {num_processes}.")
         if not 0 <= process_id < num_processes:
-            raise ValueError(f"--process_id must be in [0, {num_processes}), got {process_id}.")
+            raise errors.ConfigError(f"--process_id must be in [0, {num_processes}), got {process_id}.")
         logging.info(
             "Initialising jax.distributed from flags: coordinator=%s, process %d of %d.",
             coordinator_address, process_id, num_processes,

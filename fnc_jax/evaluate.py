@@ -31,10 +31,10 @@ import orbax.checkpoint as ocp
 from clu import metric_writers
 from etils import epath
 
-from fnc_jax import checkpoints, config_base, configuration, parallel
+from fnc_jax import checkpoints, config_base, console, errors, parallel
 from fnc_jax.data import sources
 from fnc_jax.evaluation import classification, features, fn_analysis, knn, restore, validation
-from fnc_jax.models import ClassifierModel
+from fnc_jax.models import factory
 
 RESTORE_FILE = "restore.json"
 FN_VIEWS_DOC = (
@@ -42,30 +42,6 @@ FN_VIEWS_DOC = (
     "config.augment, shuffled with config.seed) applied to the analysis split, then the device-side blur (and colour "
     "with augment.on_device) of the train step; projections from the network with BatchNorm in inference mode"
 )
-
-
-def _print(line: str) -> None:
-    logging.info(line)
-    if jax.process_index() == 0:
-        print(line, flush=True)
-
-
-def build_classifier(config: ml_collections.ConfigDict, num_classes: int, *, bn_momentum: float = 0.9) -> ClassifierModel:
-    """The linear-eval / fine-tuning network for `config.model` (same submodule names as pretraining)."""
-    return ClassifierModel(
-        **configuration.network_kwargs(config),
-        bn_momentum=bn_momentum,
-        num_classes=num_classes,
-        ft_proj_selector=config.model.ft_proj_selector,
-        zero_init_head=config.model.zero_init_head,
-    )
-
-
-def build_encoder(config: ml_collections.ConfigDict):
-    """The pretraining network without its probe (features and projections), for kNN / FN analysis."""
-    from fnc_jax.train import build_model  # noqa: PLC0415
-
-    return build_model(config, 0)
 
 
 @functools.cache
@@ -97,15 +73,13 @@ def initial_variables(
 ) -> tuple[dict, dict[str, Any]]:
     """The evaluation network's starting variables, replicated over the mesh, and the restore report.
 
-    The modules that `restore.RESTORED_MODULES[config.mode]` lists come from the checkpoint; the others
+    The modules that `restore.RESTORED_MODULES` lists come from the checkpoint; the others
     (the classifier `head`; everything for a random-init baseline without checkpoint) are initialised
     with `config.seed`.
     """
-    from fnc_jax.train import parameter_init_key  # noqa: PLC0415
-
     replicated = parallel.replicated(mesh)
     abstract = _abstract_variables(config, model)
-    modules = restore.RESTORED_MODULES[config.mode]
+    modules = restore.RESTORED_MODULES
     network = config.pretrained.network
     pretrained = None
     if source.step_dir is not None:
@@ -113,7 +87,7 @@ def initial_variables(
     selection = restore.fresh_modules(abstract, pretrained is not None, modules)
     fresh = {}
     if selection:
-        fresh = _init_fn(model, config.data.image_size, selection)(parameter_init_key(config.seed))
+        fresh = _init_fn(model, config.data.image_size, selection)(factory.init_key(config.seed))
         fresh = restore.replicate(fresh, replicated)
     variables, report = restore.merge_pretrained(abstract, fresh, pretrained, restored_modules=modules)
     info = {
@@ -154,7 +128,7 @@ def _starting_variables(config, model, source, mesh, workdir: epath.Path) -> tup
 
 
 def _print_restore(report: dict) -> None:
-    _print(
+    console.say(
         f"Pretrained weights: {report['checkpoint'] or 'none (random initialisation)'}"
         + (f" (step {report['step']}, {report['network']} network)" if report["checkpoint"] else "")
         + f"; restored {', '.join(report['restored']) or 'nothing'}"
@@ -183,15 +157,12 @@ def _protocol_summary(protocol: classification.Protocol) -> dict[str, Any]:
 
 def _run_classifier(config, workdir, source, info, mesh) -> dict[str, Any]:
     kind = config.mode
-    model = build_classifier(config, info.num_classes)
+    model = factory.classifier_model(config, info.num_classes)
     variables, report = _starting_variables(config, model, source, mesh, workdir)
     _print_restore(report)
-    warmup, total = classification.num_steps(config, info.num_examples[config.data.train_split])
-    hparams = classification.make_hparams(
-        learning_rate=classification.peak_learning_rate(config, config.optim.base_lr),
-        weight_decay=config.optim.weight_decay,
-        warmup_steps=warmup,
-        total_steps=total,
+    hparams = classification.hparams_from_config(
+        config, info.num_examples[config.data.train_split],
+        base_lr=config.optim.base_lr, weight_decay=config.optim.weight_decay,
     )
     protocol = classification.protocol_from_config(config, kind)
     results, _ = classification.train(
@@ -202,7 +173,7 @@ def _run_classifier(config, workdir, source, info, mesh) -> dict[str, Any]:
 
 
 def _encoder_variables(config, source, mesh) -> tuple[Any, dict, dict]:
-    model = build_encoder(config)
+    model = factory.contrastive_model(config)
     variables, report = initial_variables(config, model, source, mesh)
     _print_restore(report)
     return model, variables, report
@@ -224,7 +195,7 @@ def _run_knn(config, workdir, source, info, mesh) -> dict[str, Any]:
         train_chunk_size=config.knn.train_chunk_size,
     )
     for k in config.knn.ks:
-        _print(f"kNN k={k}: top-1 {100 * scores[f'knn_top1_k{k}']:.2f}% | top-5 {100 * scores[f'knn_top5_k{k}']:.2f}%")
+        console.say(f"kNN k={k}: top-1 {100 * scores[f'knn_top1_k{k}']:.2f}% | top-5 {100 * scores[f'knn_top5_k{k}']:.2f}%")
     writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
     writer.write_scalars(source.step or 0, {f"knn/{k}": v for k, v in scores.items()})
     writer.close()
@@ -247,7 +218,7 @@ def fn_analysis_size(config: ml_collections.ConfigDict) -> int:
     wanted = min(available, config.fn_analysis.max_examples or available)
     n = wanted // config.batch_size * config.batch_size
     if n == 0:
-        raise ValueError(
+        raise errors.ConfigError(
             f"config.batch_size={config.batch_size} is invalid for fn_analysis: split {split!r} has {available} usable "
             f"images (fn_analysis.max_examples={config.fn_analysis.max_examples}); allowed: batch_size <= {wanted}."
         )
@@ -279,12 +250,12 @@ def _run_fn_analysis(config, workdir, source, info, mesh) -> dict[str, Any]:
     chance = float(np.sum(np.bincount(labels) ** 2) / len(labels) ** 2)
     largest = max(r["support_size"] for r in rows)
     shown = "max" if "max" in a.aggregations else a.aggregations[0]
-    _print(f"False-negative identification on {n} images of {a.split!r}, {a.num_views} views, batches of "
+    console.say(f"False-negative identification on {n} images of {a.split!r}, {a.num_views} views, batches of "
            f"{config.batch_size} (chance precision ~{100 * chance:.1f}%), support size {largest}, {shown} "
            "aggregation (the full table is in results.json):")
     for r in rows:
         if r["support_size"] == largest and r["aggregation"] == shown and r["selection"] != "threshold":
-            _print(f"  {r['aggregation']:<4} top-{r['topk']:<3} θ={r['threshold'] if r['threshold'] is not None else 'none':<5} "
+            console.say(f"  {r['aggregation']:<4} top-{r['topk']:<3} θ={r['threshold'] if r['threshold'] is not None else 'none':<5} "
                    f"precision {100 * r['precision']:5.1f}% | recall {100 * r['recall']:5.1f}% | mean |F| {r['mean_num_fn']:.2f}")
     writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
     scalars = {}
@@ -324,7 +295,7 @@ def _run_transfer(config, workdir, source, info, mesh) -> dict[str, Any]:
     kind = t.protocol
     sizes = _split_sizes(config, (t.sweep_train_split, t.sweep_val_split, config.data.train_split))
     bn_momentum = transfer_bn_momentum(config, sizes[config.data.train_split])
-    model = build_classifier(config, info.num_classes, bn_momentum=bn_momentum)
+    model = factory.classifier_model(config, info.num_classes, bn_momentum=bn_momentum)
     protocol = classification.protocol_from_config(config, kind)
     variables, report = _starting_variables(config, model, source, mesh, workdir)
     _print_restore(report)
@@ -333,12 +304,10 @@ def _run_transfer(config, workdir, source, info, mesh) -> dict[str, Any]:
         done_file = run_dir / "results.json"
         if done_file.exists():
             return json.loads(done_file.read_text())
-        warmup, total = classification.num_steps(config, sizes[train_split])
-        hparams = classification.make_hparams(
-            learning_rate=classification.peak_learning_rate(config, base_lr),
-            weight_decay=weight_decay, warmup_steps=warmup, total_steps=total,
+        hparams = classification.hparams_from_config(
+            config, sizes[train_split], base_lr=base_lr, weight_decay=weight_decay
         )
-        _print(f"transfer ({kind}) run {run_dir.name}: base LR {base_lr:g}, weight decay {weight_decay:g}, "
+        console.say(f"transfer ({kind}) run {run_dir.name}: base LR {base_lr:g}, weight decay {weight_decay:g}, "
                f"train on {train_split!r}, evaluate on {eval_split!r}")
         results, _ = classification.train(
             config=config, model=model, protocol=protocol, variables=variables, hparams=hparams, workdir=run_dir,
@@ -367,7 +336,7 @@ def _run_transfer(config, workdir, source, info, mesh) -> dict[str, Any]:
         })
     # Highest validation top-1; ties go to the earlier grid point. A NaN never wins.
     best = max(sweep, key=lambda r: (r["val_top1"] if math.isfinite(r["val_top1"]) else -1.0))
-    _print(f"transfer sweep: best base LR {best['base_lr']:g}, weight decay {best['weight_decay']:g} "
+    console.say(f"transfer sweep: best base LR {best['base_lr']:g}, weight decay {best['weight_decay']:g} "
            f"(validation top-1 {100 * best['val_top1']:.2f}%); retraining on {config.data.train_split!r}")
     final = one_run(workdir / "final", best["base_lr"], best["weight_decay"], config.data.train_split, config.data.eval_split)
     results = {
@@ -410,7 +379,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, start_over: bool = F
         checkpoints.record_config(workdir_path, config.to_dict(), start_over=start_over, defaults=defaults)
     parallel.barrier("fnc_jax_eval_config recorded")
     mesh = parallel.create_mesh()
-    _print(f"{config.mode}: pretrained weights from {source.describe()}; data {config.data.name} "
+    console.say(f"{config.mode}: pretrained weights from {source.describe()}; data {config.data.name} "
            f"({info.num_classes} classes); workdir {workdir}")
     results = RUNNERS[config.mode](config, workdir_path, source, info, mesh)
     results = {"config": config.to_dict(), "mode": config.mode, **results}

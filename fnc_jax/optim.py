@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 OPTIMIZERS = ("lars", "sgd_nesterov", "adamw")
-LR_SCALINGS = ("linear", "sqrt", "none")
+LR_SCALINGS = ("sqrt", "linear", "none")
 
 # Top-level submodules that LARS treats as plain momentum SGD: the supervised head and online probe.
 _LARS_EXCLUDED_MODULES = ("head", "probe")
@@ -28,35 +28,63 @@ def total_steps_from_epochs(epochs: int, num_train: int, batch_size: int) -> int
     return num_train * epochs // batch_size + 1
 
 
+def peak_learning_rate(base_lr: float, batch_size: int, scaling: str) -> float:
+    """The scaled LR (§4.2): base·√B (`sqrt`; not base·√(B/256), despite the official flag help),
+    base·B/256 (`linear`) or base (`none`)."""
+    if scaling == "linear":
+        return base_lr * batch_size / 256.0
+    if scaling == "sqrt":
+        return base_lr * math.sqrt(batch_size)
+    if scaling == "none":
+        return base_lr
+    raise ValueError(f"optim.lr_scaling={scaling!r} is invalid: allowed values are {', '.join(LR_SCALINGS)}.")
+
+
+def warmup_cosine(step: Any, *, peak: Any, warmup_steps: Any, total_steps: Any) -> jax.Array:
+    """Linear warm-up from 0 to `peak`, then cosine decay to 0 at `total_steps` (§4.2).
+
+    Every argument may be a Python number or a (traced) array, so one compiled step serves any
+    schedule (the classifier sweeps keep peak, warm-up and total in the state). The schedule is
+    evaluated at the step count before the update, so with warm-up the first update uses LR 0, as in
+    the official code.
+    """
+    step = jnp.asarray(step, jnp.float32)
+    decay_steps = jnp.maximum(total_steps - warmup_steps, 1)
+    warmup = peak * step / jnp.maximum(warmup_steps, 1)
+    progress = jnp.minimum(step - warmup_steps, decay_steps) / decay_steps
+    cosine = peak * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(step < warmup_steps, warmup, cosine)
+
+
 def learning_rate_schedule(
     *, base_lr: float, batch_size: int, scaling: str, warmup_steps: int, total_steps: int
 ) -> optax.Schedule:
-    """Linear warm-up from 0 to the scaled LR, then cosine decay to 0 at `total_steps` (§4.2).
-
-    `sqrt` scaling is base·√B (not base·√(B/256), despite the official flag help); `linear` is
-    base·B/256. The schedule is evaluated at the step count before the update, so with warm-up the
-    first update uses LR 0, as in the official code.
-    """
-    if scaling == "linear":
-        peak = base_lr * batch_size / 256.0
-    elif scaling == "sqrt":
-        peak = base_lr * math.sqrt(batch_size)
-    elif scaling == "none":
-        peak = base_lr
-    else:
-        raise ValueError(f"learning-rate scaling must be one of {LR_SCALINGS}, got {scaling!r}.")
+    """`warmup_cosine` at the scaled peak LR (`peak_learning_rate`), as an optax schedule."""
+    peak = peak_learning_rate(base_lr, batch_size, scaling)
     if total_steps <= warmup_steps:
         raise ValueError(f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps}).")
-    decay_steps = total_steps - warmup_steps
+    return lambda step: warmup_cosine(step, peak=peak, warmup_steps=warmup_steps, total_steps=total_steps)
 
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        warmup = peak * step / max(warmup_steps, 1)
-        progress = jnp.minimum(step - warmup_steps, decay_steps) / decay_steps
-        cosine = peak * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        return jnp.where(step < warmup_steps, warmup, cosine)
 
-    return schedule
+def step_counts(config: Any, num_train: int) -> tuple[int, int]:
+    """(warmup_steps, total_steps) of a run: `config.total_steps` when > 0, else from `config.epochs`
+    (official rules); a run shorter than its warm-up still ends with a decay step."""
+    total = config.total_steps or total_steps_from_epochs(config.epochs, num_train, config.batch_size)
+    warmup = warmup_steps_from_epochs(config.optim.warmup_epochs, num_train, config.batch_size)
+    return min(warmup, total - 1), int(total)
+
+
+def schedule_from_config(config: Any, num_train: int) -> tuple[optax.Schedule, int, int]:
+    """(schedule, warmup_steps, total_steps) of `config.optim` for a training split of `num_train`."""
+    warmup, total = step_counts(config, num_train)
+    schedule = learning_rate_schedule(
+        base_lr=config.optim.base_lr,
+        batch_size=config.batch_size,
+        scaling=config.optim.lr_scaling,
+        warmup_steps=warmup,
+        total_steps=total,
+    )
+    return schedule, warmup, total
 
 
 def _key_name(entry: Any) -> str:
@@ -195,4 +223,4 @@ def _base_optimizer(name, schedule, weight_decay, momentum, trust_coefficient, p
         return sgd_nesterov(schedule, momentum, weight_decay, weight_decay_mask=non_norm_mask(params))
     if name == "adamw":
         return optax.adamw(schedule, weight_decay=weight_decay, mask=lars_exclusion_mask(params))
-    raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {name!r}.")
+    raise ValueError(f"optim.name={name!r} is invalid: allowed values are {', '.join(OPTIMIZERS)}.")

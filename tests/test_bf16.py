@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fnc_jax import configuration, parallel, train
+from fnc_jax import configuration, parallel, step
 from fnc_jax.config_base import pretrain_config
 
 STEPS = 3
@@ -39,7 +39,7 @@ def build(dtype: str):
     mesh = parallel.create_mesh()
     fn = configuration.validate_pretrain(config, num_devices=mesh.size)
     # Not donating: the bf16 step is also applied to the float32 run's states, which must survive.
-    program = train.build_step(config, fn, mesh, num_classes=CLASSES, num_train=10 * BATCH, donate_state=False)
+    program = step.build_step(config, fn, mesh, num_classes=CLASSES, num_train=10 * BATCH, donate_state=False)
     return mesh, program.initial_state(), program.step_fn
 
 

@@ -18,14 +18,14 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "helpers"))
 import fnc_test_runs as runs  # noqa: E402
 
-from fnc_jax import train  # noqa: E402
+from fnc_jax import pretrain, step  # noqa: E402
 
 TOTAL = runs.TINY["total_steps"]
 RUN_TIMEOUT = 600  # s per training process: a hung run fails the test instead of hanging CI
 
 
 def _resumed_from(text: str) -> int | None:
-    match = re.search(r"Resumed from step (\d+)", text)
+    match = re.search(r"Resumed pretrain from step (\d+)", text)
     return int(match.group(1)) if match else None
 
 
@@ -108,6 +108,10 @@ def test_kill_9_during_checkpoint_saves_never_breaks_the_workdir(tmp_path, tmp_p
     assert in_flight, "the kill did not land during a save"
     expected_resume = complete[-1] if complete else None
     assert expected_resume is None or expected_resume < TOTAL, "the run finished before it was killed"
+    # The history is rewritten with every checkpoint: the kill lost no logged step a checkpoint covers.
+    before = runs.history(workdir)
+    assert [h["step"] for h in before] == list(range(1, len(before) + 1))
+    assert len(before) >= (expected_resume or 0)
 
     code, out = runs.run(args, tmp_path / "final.log", env, timeout=RUN_TIMEOUT)
     assert code == 0, out[-5000:]
@@ -118,6 +122,9 @@ def test_kill_9_during_checkpoint_saves_never_breaks_the_workdir(tmp_path, tmp_p
     assert runs.tmp_checkpoint_dirs(workdir) == []  # leftovers of the killed saves were cleaned up
     assert runs.checkpoint_steps(workdir)[-1] == TOTAL
     assert int(runs.load_checkpoint(workdir, TOTAL)["['step']"]) == TOTAL
+    after = runs.history(workdir)
+    assert [h["step"] for h in after] == list(range(1, TOTAL + 1))  # every logged step, once
+    assert after[: expected_resume or 0] == before[: expected_resume or 0]  # those before the kill kept as logged
 
 
 # ----------------------------------------------------------------------------- bad configs fail fast
@@ -161,11 +168,11 @@ def test_bad_config_fails_before_compiling_and_names_the_field(
         config = runs.tiny_config(**overrides)
     else:
         config = runs.load_config(config_name, **overrides)
-    monkeypatch.setattr(train, "build_model", _no_compilation)
+    monkeypatch.setattr(step, "build_step", _no_compilation)
     workdir = tmp_path / "run"
     start = time.monotonic()
     with pytest.raises(error) as err:
-        train.pretrain(config, str(workdir))
+        pretrain.run(config, str(workdir))
     elapsed = time.monotonic() - start
     assert message.format(tmp=tmp_path) in str(err.value)
     assert not (workdir / "config.json").exists()  # a bad config is never recorded (it would block the fix)
@@ -177,7 +184,8 @@ def test_cli_bad_config_exits_fast_with_the_message(tmp_path):
     start = time.monotonic()
     code, out = runs.run(args, tmp_path / "log.txt", runs.subprocess_env(num_devices=8, cache=None), timeout=180)
     elapsed = time.monotonic() - start
-    assert code != 0
-    assert "config.batch_size=12 is invalid: allowed values are multiples of the device count (8)" in out
-    assert "Compiled the train step" not in out
+    assert code == 2  # a user error: one line, no traceback
+    assert "fnc_jax: error: config.batch_size=12 is invalid: allowed values are multiples of the device count (8)" in out
+    assert "Traceback" not in out
+    assert "Compiled (or reused) the pretrain step" not in out
     print(f"\nthe CLI failed in {elapsed:.1f} s (Python, TensorFlow and JAX imports included)")

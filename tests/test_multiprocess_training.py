@@ -2,7 +2,7 @@
 
 The same data: each process reads and shuffles its own shard of the training split
 (`fnc_jax/data/pipeline.py`), so a 1-process run normally sees a different stream from a 2-process
-run. The reference run here is the real single-process `train.pretrain` on 8 devices whose input
+run. The reference run here is the real single-process `pretrain.run` on 8 devices whose input
 function is replaced by the concatenation of the two per-process streams of a 2-process run,
 `pretrain_iterator(process_index=0, process_count=2) ++ pretrain_iterator(process_index=1, ...)`.
 That is exactly the global batch the two processes assemble with `make_array_from_process_local_data`
@@ -32,7 +32,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "helpers"))
 import fnc_test_runs as runs  # noqa: E402
 
-from fnc_jax import train  # noqa: E402
+from fnc_jax import pretrain  # noqa: E402
 from fnc_jax.data import pipeline  # noqa: E402
 
 TOTAL = runs.TINY["total_steps"]
@@ -68,7 +68,7 @@ def reference(tmp_path_factory):
     try:
         with runs.persistent_cache_in_process(runs.cache_dir(tmp_path_factory)), pytest.MonkeyPatch.context() as mp:
             mp.setattr(pipeline, "pretrain_iterator", two_process_stream)
-            train.pretrain(runs.tiny_config(), str(workdir))
+            pretrain.run(runs.tiny_config(), str(workdir))
     finally:
         signal.signal(signal.SIGTERM, old_handler)
     return workdir

@@ -26,7 +26,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "helpers"))
 import fnc_test_runs as runs  # noqa: E402
 
-from fnc_jax import checkpoints, train  # noqa: E402
+from fnc_jax import checkpoints, loop, optim, pretrain, step  # noqa: E402
 from fnc_jax.data import sources  # noqa: E402
 
 TOTAL, STOP_AT = runs.TINY["total_steps"], 3
@@ -38,7 +38,7 @@ def resumed(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     config = runs.tiny_config()
     straight, interrupted = root / "straight", root / "interrupted"
-    real_should_stop = train.PreemptionWatcher.should_stop
+    real_should_stop = loop.PreemptionWatcher.should_stop
 
     def should_stop(self, step):
         if step == STOP_AT:
@@ -48,15 +48,15 @@ def resumed(tmp_path_factory):
     old_handler = signal.getsignal(signal.SIGTERM)
     try:
         with runs.persistent_cache_in_process(runs.cache_dir(tmp_path_factory)):
-            full = train.pretrain(config, str(straight))
+            full = pretrain.run(config, str(straight))
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(train.PreemptionWatcher, "should_stop", should_stop)
-                first = train.pretrain(config, str(interrupted))
+                mp.setattr(loop.PreemptionWatcher, "should_stop", should_stop)
+                first = pretrain.run(config, str(interrupted))
             after_stop = {
                 "checkpoints": runs.checkpoint_steps(interrupted),
                 "history": runs.history(interrupted),
             }
-            second = train.pretrain(config, str(interrupted))
+            second = pretrain.run(config, str(interrupted))
     finally:
         signal.signal(signal.SIGTERM, old_handler)  # the watcher installed its own handler in this process
     return dict(
@@ -107,7 +107,7 @@ def test_learning_rate_schedule_continues(resumed):
     lrs = [h["learning_rate"] for h in runs.history(resumed["interrupted"])]
     config = runs.tiny_config()
     num_train = sources.get_source_info(config.data).num_examples[config.data.train_split]
-    schedule, _, _ = train.schedule_for(config, num_train)
+    schedule, _, _ = optim.schedule_from_config(config, num_train)
     assert lrs == pytest.approx([float(schedule(s)) for s in range(TOTAL)], rel=1e-6)
     # Warm-up runs over steps 0..6 here: a schedule restarted at the resume would repeat lrs[0].
     assert lrs[STOP_AT] > lrs[STOP_AT - 1] > lrs[0]
@@ -127,7 +127,7 @@ def test_finished_run_accepts_evaluation_and_logging_changes(resumed, tmp_path, 
         }
     )
     with runs.persistent_cache_in_process(runs.cache_dir(tmp_path_factory)):
-        results = train.pretrain(changed, str(workdir))
+        results = pretrain.run(changed, str(workdir))
     assert results["steps"] == TOTAL and results["preempted"] is False
     assert results["final_train_metrics"] == resumed["full"]["final_train_metrics"]  # not wiped
     assert runs.read_json(workdir / "config.json") == json.loads(json.dumps(changed.to_dict()))
@@ -155,9 +155,9 @@ def _recorded_workdir(tmp_path: pathlib.Path) -> pathlib.Path:
 def test_incompatible_config_is_refused(tmp_path, monkeypatch, field, overrides):
     workdir = _recorded_workdir(tmp_path)
     before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
-    monkeypatch.setattr(train, "build_model", _must_not_be_called)
+    monkeypatch.setattr(step, "build_step", _must_not_be_called)
     with pytest.raises(ValueError, match=rf"different config \([^)]*{field}[^)]*changed\).*--start_over") as err:
-        train.pretrain(runs.tiny_config(**overrides), str(workdir))
+        pretrain.run(runs.tiny_config(**overrides), str(workdir))
     assert str(workdir) in str(err.value)
     assert sorted(p.relative_to(workdir) for p in workdir.rglob("*")) == before  # nothing touched
     assert runs.read_json(workdir / "config.json") == json.loads(json.dumps(runs.tiny_config().to_dict()))
@@ -173,10 +173,10 @@ def test_start_over_moves_the_old_run_aside(tmp_path, monkeypatch):
     def stop(*args, **kwargs):
         raise Stop  # after the config is recorded: no need to train the new run
 
-    monkeypatch.setattr(train, "build_model", stop)
+    monkeypatch.setattr(step, "build_step", stop)
     new = runs.tiny_config(batch_size=32)
     with pytest.raises(Stop):
-        train.pretrain(new, str(workdir), start_over=True)
+        pretrain.run(new, str(workdir), start_over=True)
     moved = [p for p in workdir.iterdir() if p.name.startswith("previous-")]
     assert len(moved) == 1
     assert sorted(p.name for p in moved[0].iterdir()) == ["checkpoints", "config.json", "results.json"]
@@ -192,7 +192,7 @@ def test_cli_refuses_a_changed_model_with_a_clear_message(tmp_path, tmp_path_fac
     code, out = runs.run(args, tmp_path / "log.txt", runs.subprocess_env(num_devices=8, cache=None), timeout=180)
     assert code != 0
     assert "model.depth changed" in out and "--start_over" in out and "previous-<time>" in out
-    assert "Compiled the train step" not in out
+    assert "Compiled (or reused) the pretrain step" not in out
     assert not any(p.name.startswith("previous-") for p in workdir.iterdir())
 
 

@@ -25,13 +25,28 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from fnc_jax import configuration
+from fnc_jax import errors
+from fnc_jax import field_checks as check
 from fnc_jax.data import augment, sources
 
 Batch = dict[str, np.ndarray]
 
 # Purposes folded into the per-process key, so that shuffling and augmentation draw independent streams.
 _SHUFFLE, _AUGMENT = 0, 1
+
+
+def canvas_size(config: ml_collections.ConfigDict, image_shape: tuple[int, ...] | None) -> int:
+    """Side of the host canvas with `augment.crop_on_device`: `augment.canvas_size`, or for 0 the
+    source's fixed image side (`image_shape` from `sources.get_source_info`, None when sizes vary)."""
+    size = check.integer(config, "augment.canvas_size", 0)
+    if size:
+        return size
+    if image_shape is None:
+        raise check.invalid(
+            "augment.canvas_size", 0, "a positive side for sources whose image sizes vary, e.g. 512 (ImageNet; "
+            "larger images are shrunk to fit); 0 only for fixed-size sources"
+        )
+    return max(image_shape[:2])
 
 
 def pretrain_iterator(
@@ -50,10 +65,10 @@ def pretrain_iterator(
     num_views = 2 + config.views.support_size
     size = config.data.image_size
     if aug.crop_on_device:
-        canvas_size = configuration.canvas_size(config, sources.get_source_info(config.data).image_shape)
+        side = canvas_size(config, sources.get_source_info(config.data).image_shape)
 
         def canvas_example(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
-            canvas, shape = augment.fit_canvas(image, canvas_size)
+            canvas, shape = augment.fit_canvas(image, side)
             crops = [
                 augment.crop_and_flip(shape, _view_seed(seed, v), area_range=tuple(aug.area_range))
                 for v in range(num_views)
@@ -166,7 +181,7 @@ def _view_seed(seed: tf.Tensor, view: int | tf.Tensor) -> tf.Tensor:
 
 def _per_host_batch(global_batch: int, process_count: int) -> int:
     if global_batch % process_count:
-        raise ValueError(
+        raise errors.ConfigError(
             f"batch_size={global_batch} must be divisible by the process count ({process_count})."
         )
     return global_batch // process_count
@@ -193,7 +208,7 @@ def _train_batches(
         config.data, split, process_index=process_index, process_count=process_count
     )
     if encoded.num_examples == 0:
-        raise ValueError(f"split {split!r} has no examples for process {process_index}.")
+        raise errors.ConfigError(f"split {split!r} has no examples for process {process_index}.")
     buffer_size = config.data.get("shuffle_buffer") or 10 * per_host
     shuffle_key, augment_key = _process_keys(config.seed, process_index)
 

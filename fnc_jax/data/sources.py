@@ -30,6 +30,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from fnc_jax import errors
+
 SOURCES = ("embedded", "tfds", "image_folder")
 EMBEDDED_NAMES = ("mnist_5k",)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -143,13 +145,13 @@ def _read_and_decode(path: tf.Tensor) -> tf.Tensor:
 
 def _check_source(data_config: ml_collections.ConfigDict) -> str:
     if data_config.source not in SOURCES:
-        raise ValueError(f"data.source={data_config.source!r} is not one of {SOURCES}.")
+        raise errors.ConfigError(f"data.source={data_config.source!r} is not one of {SOURCES}.")
     return data_config.source
 
 
 def _check_embedded_name(data_config: ml_collections.ConfigDict) -> None:
     if data_config.name not in EMBEDDED_NAMES:
-        raise ValueError(
+        raise errors.ConfigError(
             f"data.name={data_config.name!r} is not an embedded dataset; allowed: {EMBEDDED_NAMES}."
         )
 
@@ -183,7 +185,7 @@ def _mnist_rows() -> np.ndarray:
 @functools.cache
 def _mnist_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     if split not in _MNIST_SPLITS:
-        raise ValueError(f"split {split!r} is not a split of mnist_5k; allowed: {_MNIST_SPLITS}.")
+        raise errors.ConfigError(f"split {split!r} is not a split of mnist_5k; allowed: {_MNIST_SPLITS}.")
     rows = _mnist_rows()
     labels = rows[:, -1]
     order = np.argsort(labels, kind="stable")
@@ -202,10 +204,10 @@ def _mnist_split(split: str) -> tuple[np.ndarray, np.ndarray]:
 def _folder_split_dir(data_config: ml_collections.ConfigDict, split: str) -> str:
     root = data_config.data_dir
     if not root or not tf.io.gfile.isdir(root):
-        raise ValueError(f"data.data_dir={root!r} is not a directory (the image-folder root).")
+        raise errors.ConfigError(f"data.data_dir={root!r} is not a directory (the image-folder root).")
     split_dir = os.path.join(root, split)
     if not tf.io.gfile.isdir(split_dir):
-        raise ValueError(
+        raise errors.ConfigError(
             f"split {split!r} (data.train_split / data.eval_split) has no directory {split_dir!r} "
             f"under data.data_dir={root!r}; expected <data_dir>/<split>/<class>/*.jpg."
         )
@@ -225,7 +227,7 @@ def _folder_classes(data_config: ml_collections.ConfigDict) -> list[str]:
     split_dir = _folder_split_dir(data_config, data_config.train_split)
     classes = _class_dirs(split_dir)
     if not classes:
-        raise ValueError(f"data.data_dir: {split_dir!r} has no class directories.")
+        raise errors.ConfigError(f"data.data_dir: {split_dir!r} has no class directories.")
     return classes
 
 
@@ -235,7 +237,7 @@ def _folder_files(
     split_dir = _folder_split_dir(data_config, split)
     unknown = sorted(set(_class_dirs(split_dir)) - set(classes))
     if unknown:
-        raise ValueError(
+        raise errors.ConfigError(
             f"{split_dir!r} has classes {unknown} missing from data.train_split="
             f"{data_config.train_split!r}; labels would not match."
         )
@@ -276,13 +278,13 @@ def _prepared_builder(data_config: ml_collections.ConfigDict) -> tfds.core.Datas
     try:
         builder = tfds.builder(data_config.name, data_dir=data_config.data_dir)
     except ValueError as error:  # DatasetNotFoundError, unknown config.
-        raise ValueError(
+        raise errors.ConfigError(
             f"data.name={data_config.name!r} is not a TFDS dataset; allowed: a name from "
             f"tfds.list_builders(), with '/<config>' where it has configs (e.g. 'imagenet2012', "
             f"'imagenet2012_subset/1pct', 'cifar10'). TFDS said: {str(error).splitlines()[0]}"
         ) from error
     if not builder.is_prepared():
-        raise FileNotFoundError(
+        raise errors.InputNotFoundError(
             f"TFDS dataset data.name={data_config.name!r} is not prepared in "
             f"data.data_dir={data_config.data_dir!r}. To prepare it once, "
             f"{_prepare_instructions(data_config)}"
@@ -294,7 +296,7 @@ def _tfds_split_info(builder: tfds.core.DatasetBuilder, split) -> tfds.core.Spli
     try:
         return builder.info.splits[split]
     except (KeyError, ValueError) as error:
-        raise ValueError(
+        raise errors.ConfigError(
             f"split {split!r} (data.train_split / data.eval_split) is not in {builder.name}; "
             f"available: {sorted(builder.info.splits)}."
         ) from error

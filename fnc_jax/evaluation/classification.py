@@ -18,25 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import logging
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from clu import metric_writers
 from etils import epath
 from flax import struct, traverse_util
 
-from fnc_jax import checkpoints, optim, parallel
+from fnc_jax import console, loop, optim, parallel
 from fnc_jax.data import pipeline
 
-KINDS = ("linear_eval", "finetune")
-HISTORY_FILE = "train_history.json"
+PROTOCOLS = ("linear_eval", "finetune")  # what a classifier run trains: the head, or encoder + head
 
 
 class ClassifierState(struct.PyTreeNode):
@@ -64,7 +59,7 @@ def trainable_prefixes(kind: str, *, ft_proj_selector: int, proj_layers: int, tr
     if kind == "linear_eval":
         return (("head",),)
     if kind != "finetune":
-        raise ValueError(f"kind={kind!r} is invalid: allowed values are {', '.join(KINDS)}.")
+        raise ValueError(f"kind={kind!r} is invalid: allowed values are {', '.join(PROTOCOLS)}.")
     prefixes = [("encoder",), ("head",)]
     if train_projection and ft_proj_selector != 0:
         below = ft_proj_selector if ft_proj_selector > 0 else proj_layers + 1 + ft_proj_selector
@@ -104,13 +99,10 @@ def merge_params(trainable: dict, frozen: dict) -> dict:
 
 
 def learning_rate_at(step: jax.Array, hparams: dict[str, jax.Array]) -> jax.Array:
-    """`optim.learning_rate_schedule` with traced peak / warm-up / total (same formula)."""
-    step = jnp.asarray(step, jnp.float32)
-    peak, warmup, total = hparams["learning_rate"], hparams["warmup_steps"], hparams["total_steps"]
-    warm = peak * step / jnp.maximum(warmup, 1.0)
-    decay = jnp.maximum(total - warmup, 1.0)
-    cosine = peak * 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(step - warmup, decay) / decay))
-    return jnp.where(step < warmup, warm, cosine)
+    """The recipe's schedule (`optim.warmup_cosine`) with the state's traced peak / warm-up / total."""
+    return optim.warmup_cosine(
+        step, peak=hparams["learning_rate"], warmup_steps=hparams["warmup_steps"], total_steps=hparams["total_steps"]
+    )
 
 
 def make_hparams(*, learning_rate: float, weight_decay: float, warmup_steps: int, total_steps: int) -> dict:
@@ -118,6 +110,18 @@ def make_hparams(*, learning_rate: float, weight_decay: float, warmup_steps: int
         learning_rate=learning_rate, weight_decay=weight_decay, warmup_steps=warmup_steps, total_steps=total_steps
     )
     return {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
+
+
+def hparams_from_config(config: ml_collections.ConfigDict, num_train: int, *, base_lr: float, weight_decay: float) -> dict:
+    """The state's hyper-parameters for a run on `num_train` examples: the peak LR scaled by
+    `optim.lr_scaling` of the global batch, and the run's warm-up and total steps (`optim.step_counts`)."""
+    warmup, total = optim.step_counts(config, num_train)
+    return make_hparams(
+        learning_rate=optim.peak_learning_rate(base_lr, config.batch_size, config.optim.lr_scaling),
+        weight_decay=weight_decay,
+        warmup_steps=warmup,
+        total_steps=total,
+    )
 
 
 def make_optimizer(protocol: Protocol, hparams: dict, trainable: Any) -> optax.GradientTransformation:
@@ -244,50 +248,8 @@ def evaluate(
     }
 
 
-def num_steps(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
-    """(warmup_steps, total_steps) from the epochs (official rules) or `total_steps` when > 0."""
-    total = config.total_steps or int(optim.total_steps_from_epochs(config.epochs, num_train, config.batch_size))
-    warmup = min(optim.warmup_steps_from_epochs(config.optim.warmup_epochs, num_train, config.batch_size), total - 1)
-    return warmup, total
-
-
-def peak_learning_rate(config: ml_collections.ConfigDict, base_lr: float) -> float:
-    """base·√B (`sqrt`), base·B/256 (`linear`) or base (`none`), as `optim.learning_rate_schedule`."""
-    scaling, batch = config.optim.lr_scaling, config.batch_size
-    return base_lr * (np.sqrt(batch) if scaling == "sqrt" else batch / 256.0 if scaling == "linear" else 1.0)
-
-
-class Progress:
-    """The progress line: step, loss, train top-1, LR, images/s per device, steps/s, ETA."""
-
-    def __init__(self, what: str, *, total_steps: int, batch_size: int):
-        self.what, self.total_steps, self.batch_size = what, total_steps, batch_size
-        self.devices = jax.device_count()
-        self.mark_step, self.mark_time, self.paused = 0, time.time(), 0.0
-
-    def start(self, step: int) -> None:
-        self.mark_step, self.mark_time, self.paused = step, time.time(), 0.0
-
-    def report(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
-        elapsed = max(time.time() - self.mark_time - self.paused, 1e-9)
-        steps_per_s = (step - self.mark_step) / elapsed
-        stats = {"steps_per_sec": steps_per_s, "images_per_sec_per_device": steps_per_s * self.batch_size / self.devices}
-        eta = (self.total_steps - step) / max(steps_per_s, 1e-9)
-        line = (
-            f"{self.what} step {step}/{self.total_steps} | loss {metrics['loss']:.4f} | train top-1 "
-            f"{100 * metrics['top1']:.1f}% | lr {metrics['learning_rate']:.4g} | "
-            f"{stats['images_per_sec_per_device']:.1f} img/s/device | {steps_per_s:.2f} steps/s | "
-            f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"
-        )
-        logging.info(line)
-        if jax.process_index() == 0:
-            print(line, flush=True)
-        self.start(step)
-        return stats
-
-
-def _mean(window: list[dict]) -> dict[str, float]:
-    return {k: float(np.mean([m[k] for m in window])) for k in window[0] if k != "finite"}
+def _summary(metrics: dict[str, float]) -> str:
+    return f"loss {metrics['loss']:.4f} | train top-1 {100 * metrics['top1']:.1f}% | lr {metrics['learning_rate']:.4g}"
 
 
 def train(
@@ -302,107 +264,50 @@ def train(
     eval_split: str,
     mesh: jax.sharding.Mesh,
 ) -> tuple[dict[str, Any], ClassifierState]:
-    """Trains (or resumes, from `workdir/checkpoints`) and evaluates on `eval_split`.
+    """Trains (or resumes, from `workdir/checkpoints`) with the shared loop and evaluates on `eval_split`.
 
     `variables` is the starting network (pretrained + fresh head); it only matters on a fresh start.
     Returns (results, final state); results hold the final evaluation, the last training window and
     the periodic evaluations (`eval.every_steps`); every logged window goes to `train_history.json`.
     """
-    from fnc_jax.train import NonFiniteError, PreemptionWatcher  # noqa: PLC0415
-
-    process_index = jax.process_index()
     total_steps = int(hparams["total_steps"])
     state = init_state(protocol, variables, hparams, mesh)
-    store = checkpoints.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
-    if store.latest_step() is not None:
+    writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
+    result = loop.train(
+        loop.LoopSettings.from_config(
+            config, protocol.kind, total_steps, eval_every_steps=config.eval.every_steps, scalar_prefix="train/"
+        ),
+        workdir=workdir,
+        state=state,
+        step_fn=compiled_train_step(model, protocol, mesh),
+        batches=lambda start: pipeline.supervised_iterator(
+            config, split=train_split, process_index=jax.process_index(), process_count=jax.process_count(),
+            start_step=start,
+        ),
+        mesh=mesh,
+        writer=writer,
+        summary=_summary,
         # The schedule and weight decay follow the current config (total_steps / epochs may change on resume).
-        state = store.restore(state).replace(hparams=state.hparams)
-        logging.info("Resumed %s from step %d in %s", protocol.kind, int(state.step), workdir)
-    start_step = int(state.step)
-    writer = metric_writers.create_default_writer(str(workdir), just_logging=process_index > 0)
-    step_fn = compiled_train_step(model, protocol, mesh)
-    # The logged training windows: kept up to the checkpoint on resume, written next to it.
-    history_path = workdir / HISTORY_FILE
-    history: list[dict] = []
-    if start_step and history_path.exists():
-        history = [h for h in json.loads(history_path.read_text())["history"] if h["step"] <= start_step]
-    periodic: list[dict] = [h["eval"] for h in history if "eval" in h]
-    last: dict[str, float] = {k: v for k, v in history[-1].items() if k not in ("step", "eval")} if history else {}
-
-    def write_history():
-        if process_index == 0:
-            checkpoints.write_json_atomic(history_path, {"history": history})
-
-    if start_step < total_steps:
-        batches = parallel.device_prefetch(
-            pipeline.supervised_iterator(
-                config, split=train_split, process_index=process_index, process_count=jax.process_count(),
-                start_step=start_step,
-            ),
-            mesh,
-        )
-        progress = Progress(protocol.kind, total_steps=total_steps, batch_size=config.batch_size)
-        watcher = PreemptionWatcher()
-        window: list = []
-        progress.start(start_step)
-        for step in range(start_step, total_steps):
-            state, metrics = step_fn(state, next(batches))
-            window.append(metrics)
-            done = step + 1
-            save = done % config.checkpoint_every_steps == 0 or done == total_steps
-            stop = watcher.should_stop(done)
-            periodic_eval = config.eval.every_steps and done % config.eval.every_steps == 0 and done < total_steps
-            if done % config.log_every_steps == 0 or save or stop or periodic_eval or done == total_steps:
-                host = jax.device_get(window)
-                window = []
-                bad = [m for m in host if not m["finite"]]
-                if bad:
-                    store.wait()
-                    raise NonFiniteError(
-                        f"Non-finite loss or gradient at or before step {done} of {protocol.kind} (loss "
-                        f"{bad[0]['loss']}); the last complete checkpoint (step {store.latest_step()}) is kept in "
-                        f"{workdir}. Lower the learning rate (config.optim.base_lr)."
-                    )
-                last = _mean(host)
-                speed = progress.report(done, last)
-                writer.write_scalars(done, {f"train/{k}": v for k, v in last.items()} | speed)
-                history.append({"step": done, **last})
-            if periodic_eval:
-                t = time.time()
-                scores = evaluate(model, state, config, eval_split, mesh)
-                writer.write_scalars(done, {f"eval/{k}": v for k, v in scores.items() if k != "split"})
-                history[-1]["eval"] = {"step": done, **scores}
-                periodic.append(history[-1]["eval"])
-                progress.paused += time.time() - t
-            if save or stop:
-                t = time.time()
-                store.save(done, state)
-                write_history()
-                progress.paused += time.time() - t
-            if stop:
-                logging.warning("Stopped for preemption at step %d; the run resumes from here.", done)
-                break
-    store.wait()
+        on_restore=lambda restored: restored.replace(hparams=state.hparams),
+        evaluate=lambda s: evaluate(model, s, config, eval_split, mesh),
+        advice="Lower the learning rate (config.optim.base_lr).",
+    )
+    state = result.state
     results: dict[str, Any] = {
         "steps": int(state.step),
         "total_steps": total_steps,
         "hparams": {k: float(v) for k, v in jax.device_get(state.hparams).items()},
-        "final_train_metrics": last,
-        "periodic_eval": periodic,
-        "history_file": str(history_path),
-        "preempted": int(state.step) < total_steps,
+        "final_train_metrics": result.last_metrics,
+        "periodic_eval": result.periodic_eval,
+        "history_file": str(workdir / loop.HISTORY_FILE),
+        "preempted": result.preempted,
     }
-    if not results["preempted"]:
+    if not result.preempted:
         results["eval"] = evaluate(model, state, config, eval_split, mesh)
         writer.write_scalars(int(state.step), {f"eval/{k}": v for k, v in results["eval"].items() if k != "split"})
-        line = (
+        console.say(
             f"{protocol.kind}: {results['eval']['split']} top-1 {100 * results['eval']['top1']:.2f}% | top-5 "
             f"{100 * results['eval']['top5']:.2f}% ({results['eval']['num_examples']} images)"
         )
-        logging.info(line)
-        if process_index == 0:
-            print(line, flush=True)
-    writer.flush()
     writer.close()
-    store.close()
     return results, state

@@ -9,7 +9,6 @@ BatchNorm runs in inference mode (moving statistics) throughout.
 from __future__ import annotations
 
 import functools
-import logging
 import time
 from collections.abc import Iterator
 
@@ -19,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from fnc_jax import parallel
+from fnc_jax import console, errors, parallel
 from fnc_jax.data import augment_jax, pipeline
 
 OUTPUTS = ("features", "projection")
@@ -60,9 +59,7 @@ class _Meter:
         rate = done * self.batch_size / elapsed
         eta = "" if self.total is None else f" | ETA {time.strftime('%H:%M:%S', time.gmtime((self.total - done) * elapsed / done))}"
         line = f"{self.what}: batch {done}{'' if self.total is None else f'/{self.total}'} | {rate:.1f} img/s{eta}"
-        logging.info(line)
-        if jax.process_index() == 0:
-            print(line, flush=True)
+        console.say(line)
 
 
 def extract(
@@ -87,6 +84,7 @@ def extract(
     )
     meter = _Meter(f"{output} of {split!r}", None, batch_size)
     outs, labels, masks = [], [], []
+    i = 0
     for i, host in enumerate(batches, 1):
         batch = parallel.global_batch(host, mesh)
         got = _gather({"x": _forward(model, variables, batch["images"], output), "y": batch["labels"], "m": batch["mask"]})
@@ -96,6 +94,8 @@ def extract(
         meter.tick(i)
     if i % meter.every:
         meter.tick(i, final=True)
+    if not outs:
+        raise errors.ConfigError(f"split {split!r} of config.data ({config.data.name}) has no examples.")
     keep = np.concatenate(masks) > 0
     return np.concatenate(outs)[keep], np.concatenate(labels)[keep].astype(np.int32)
 

@@ -11,6 +11,7 @@ same-label columns that are selected) come from exact integer counts.
 they are l2-normalised here, so scores are cosines as with `hidden_norm`.
 """
 
+import functools
 import pathlib
 from collections.abc import Callable, Sequence
 
@@ -30,6 +31,19 @@ DEFAULT_AGGREGATIONS = ("max", "mean")
 CountFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]
 
 
+@functools.partial(jax.jit, static_argnames=("count_fn", "batch_size", "anchors"))
+def _count_batch(embeddings, labels, start, offset, *, count_fn: CountFn, batch_size: int, anchors: int):
+    num_views, _, dim = embeddings.shape
+    views = jax.lax.dynamic_slice_in_dim(embeddings, start, batch_size, axis=1)
+    views = l2_normalize(views.astype(jnp.float32))
+    batch_labels = jax.lax.dynamic_slice_in_dim(labels, start, batch_size)
+    candidates = views.reshape(num_views * batch_size, dim)  # column v * bs + i, as in training
+    candidate_labels = jnp.tile(batch_labels, num_views)
+    queries = jax.lax.dynamic_slice_in_dim(views, offset, anchors, axis=1)
+    anchor_labels = jax.lax.dynamic_slice_in_dim(batch_labels, offset, anchors)
+    return count_fn(queries, candidates, anchor_labels, candidate_labels, offset)
+
+
 def _sum_over_batches(
     count_fn: CountFn,
     embeddings: jax.Array,
@@ -39,8 +53,9 @@ def _sum_over_batches(
 ) -> dict[str, np.ndarray]:
     """Runs `count_fn` on every anchor sub-batch of every global batch; totals as int64 on the host.
 
-    One jitted step (compiled once, the batch start and anchor offset are traced) per sub-batch: each
-    step's counts stay within int32 (at most A * V * batch_size) and the host sums them in int64.
+    One jitted step per sub-batch (`_count_batch`: the batch start and anchor offset are traced, and
+    `count_fn` comes from a cached factory, so a repeated analysis compiles nothing new): each step's
+    counts stay within int32 (at most A * V * batch_size) and the host sums them in int64.
     """
     num_views, num_samples, dim = embeddings.shape
     num_batches = num_samples // batch_size
@@ -50,21 +65,10 @@ def _sum_over_batches(
     if batch_size % anchors:
         raise ValueError(f"anchor_batch_size={anchors} must divide batch_size={batch_size}.")
 
-    @jax.jit
-    def step(embeddings, labels, start, offset):
-        views = jax.lax.dynamic_slice_in_dim(embeddings, start, batch_size, axis=1)
-        views = l2_normalize(views.astype(jnp.float32))
-        batch_labels = jax.lax.dynamic_slice_in_dim(labels, start, batch_size)
-        candidates = views.reshape(num_views * batch_size, dim)  # column v * bs + i, as in training
-        candidate_labels = jnp.tile(batch_labels, num_views)
-        queries = jax.lax.dynamic_slice_in_dim(views, offset, anchors, axis=1)
-        anchor_labels = jax.lax.dynamic_slice_in_dim(batch_labels, offset, anchors)
-        return count_fn(queries, candidates, anchor_labels, candidate_labels, offset)
-
     # Arguments, not closure constants: the data is placed on the device once, not baked into the HLO.
     embeddings, labels = jnp.asarray(embeddings), jnp.asarray(labels, jnp.int32)
     counts = [
-        step(embeddings, labels, start, offset)
+        _count_batch(embeddings, labels, start, offset, count_fn=count_fn, batch_size=batch_size, anchors=anchors)
         for start in range(0, num_batches * batch_size, batch_size)
         for offset in range(0, batch_size, anchors)
     ]
@@ -94,6 +98,19 @@ def _rates(num_true: int, num_selected: int, num_same: int, num_anchors: int) ->
     }
 
 
+@functools.cache
+def _selection_counter(fn: FNConfig, batch_size: int) -> CountFn:
+    def count(queries, candidates, anchor_labels, candidate_labels, offset):
+        mask = false_negative_mask(
+            queries, candidates, fn=fn, num_samples=batch_size, sample_offset=offset,
+            labels=anchor_labels, candidate_labels=candidate_labels,
+        )
+        _, same = _same_label_columns(anchor_labels, candidate_labels, offset, batch_size)
+        return {"selected": jnp.sum(mask), "true": jnp.sum(mask & same), "same": jnp.sum(same)}
+
+    return count
+
+
 def identification_metrics(
     embeddings: jax.Array,
     labels: jax.Array,
@@ -108,16 +125,7 @@ def identification_metrics(
     global batch, bounding memory to (anchors, V * batch_size); the result does not depend on it.
     Returns floats `precision`, `recall`, `mean_num_fn` and the integer counts behind them.
     """
-
-    def count(queries, candidates, anchor_labels, candidate_labels, offset):
-        mask = false_negative_mask(
-            queries, candidates, fn=fn, num_samples=batch_size, sample_offset=offset,
-            labels=anchor_labels, candidate_labels=candidate_labels,
-        )
-        _, same = _same_label_columns(anchor_labels, candidate_labels, offset, batch_size)
-        return {"selected": jnp.sum(mask), "true": jnp.sum(mask & same), "same": jnp.sum(same)}
-
-    c = _sum_over_batches(count, embeddings, labels, batch_size, anchor_batch_size)
+    c = _sum_over_batches(_selection_counter(fn, batch_size), embeddings, labels, batch_size, anchor_batch_size)
     return _rates(c["true"], c["selected"], c["same"], c["num_anchors"])
 
 
@@ -183,6 +191,7 @@ def sweep(
     return rows
 
 
+@functools.cache
 def _grid_counter(
     topks: tuple[int, ...],
     thresholds: tuple[float, ...],
@@ -228,6 +237,24 @@ def _grid_counter(
     return count
 
 
+@functools.cache
+def _histogram_counter(edges: tuple[float, ...], batch_size: int) -> CountFn:
+    num_bins = len(edges) - 1
+
+    def count(queries, candidates, anchor_labels, candidate_labels, offset):
+        own, same = _same_label_columns(anchor_labels, candidate_labels, offset, batch_size)
+        scores = jnp.einsum("uad,cd->uac", queries, candidates).max(0)
+        bin_index = jnp.searchsorted(jnp.asarray(edges, jnp.float32), scores, side="right") - 1
+        bin_index = jnp.clip(bin_index, 0, num_bins - 1)
+
+        def histogram(columns: jax.Array) -> jax.Array:
+            return jnp.zeros(num_bins, jnp.int32).at[bin_index].add(columns.astype(jnp.int32))
+
+        return {"same_label": histogram(same), "different_label": histogram(~same & ~own)}
+
+    return count
+
+
 def similarity_histograms(
     embeddings: jax.Array,
     labels: jax.Array,
@@ -245,19 +272,7 @@ def similarity_histograms(
     outside the edges go to the end bins. Returns `bin_edges`, `same_label` and `different_label` counts.
     """
     edges = np.linspace(-1.0, 1.0, bins + 1) if isinstance(bins, int) else np.asarray(bins, np.float64)
-    num_bins = len(edges) - 1
-
-    def count(queries, candidates, anchor_labels, candidate_labels, offset):
-        own, same = _same_label_columns(anchor_labels, candidate_labels, offset, batch_size)
-        scores = jnp.einsum("uad,cd->uac", queries, candidates).max(0)
-        bin_index = jnp.searchsorted(jnp.asarray(edges, jnp.float32), scores, side="right") - 1
-        bin_index = jnp.clip(bin_index, 0, num_bins - 1)
-
-        def histogram(columns: jax.Array) -> jax.Array:
-            return jnp.zeros(num_bins, jnp.int32).at[bin_index].add(columns.astype(jnp.int32))
-
-        return {"same_label": histogram(same), "different_label": histogram(~same & ~own)}
-
+    count = _histogram_counter(tuple(float(e) for e in edges), batch_size)
     counts = _sum_over_batches(count, embeddings, labels, batch_size, anchor_batch_size)
     return {
         "bin_edges": edges,

@@ -150,6 +150,53 @@ def _correct_counts(
     return jnp.stack(counts)
 
 
+@functools.cache
+def _correct_counter(
+    num_classes: int,
+    ks: tuple[int, ...],
+    k_local: int,
+    k_max: int,
+    temperature: float,
+    train_chunk_size: int | None,
+    mesh: Mesh | None,
+    axis_name: str,
+):
+    """The jitted count of correct top-1 / top-5 votes per k over all test batches (cached per setting,
+    so the splits and encoders of one report share a compiled program)."""
+
+    def count_all(test_f, test_l, test_m, train_f, train_l, train_m):
+        def one_batch(batch):
+            feats, labels, mask = batch
+            mask = mask.astype(bool)
+            sims, nbr_labels = _top_neighbours(
+                feats, train_f, train_l, train_m, k_local, train_chunk_size
+            )
+            if mesh is not None:
+                # (R, B, k_local) -> (B, R * k_local): device-major, so ties keep the lower row.
+                sims, nbr_labels = (
+                    jnp.moveaxis(jax.lax.all_gather(x, axis_name, to="invarying"), 0, 1).reshape(
+                        x.shape[0], -1
+                    )
+                    for x in (sims, nbr_labels)
+                )
+                sims, idx = jax.lax.top_k(sims, k_max)
+                nbr_labels = jnp.take_along_axis(nbr_labels, idx, axis=1)
+            counts = _correct_counts(
+                sims, nbr_labels, labels, mask,
+                ks=[min(k, k_max) for k in ks], num_classes=num_classes, temperature=temperature,
+            )
+            return counts, jnp.sum(mask)
+
+        counts, num_valid = jax.lax.map(one_batch, (test_f, test_l, test_m))
+        return jnp.sum(counts, axis=0), jnp.sum(num_valid)
+
+    if mesh is not None:
+        count_all = jax.shard_map(
+            count_all, mesh=mesh, in_specs=(P(),) * 3 + (P(axis_name),) * 3, out_specs=(P(), P())
+        )
+    return jax.jit(count_all)
+
+
 def knn_evaluate(
     test_features: jnp.ndarray,
     test_labels: jnp.ndarray,
@@ -193,45 +240,14 @@ def knn_evaluate(
     test = [_pad_rows(x, test_batch) for x in (test_features, test_labels, test_mask)]
     test = [x.reshape((-1, test_batch) + x.shape[1:]) for x in test]
 
-    def count_all(test_f, test_l, test_m, train_f, train_l, train_m):
-        def one_batch(batch):
-            feats, labels, mask = batch
-            mask = mask.astype(bool)
-            sims, nbr_labels = _top_neighbours(
-                feats, train_f, train_l, train_m, k_local, train_chunk_size
-            )
-            if mesh is not None:
-                # (R, B, k_local) -> (B, R * k_local): device-major, so ties keep the lower row.
-                sims, nbr_labels = (
-                    jnp.moveaxis(jax.lax.all_gather(x, axis_name, to="invarying"), 0, 1).reshape(
-                        x.shape[0], -1
-                    )
-                    for x in (sims, nbr_labels)
-                )
-                sims, idx = jax.lax.top_k(sims, k_max)
-                nbr_labels = jnp.take_along_axis(nbr_labels, idx, axis=1)
-            counts = _correct_counts(
-                sims, nbr_labels, labels, mask,
-                ks=[min(k, k_max) for k in ks], num_classes=num_classes, temperature=temperature,
-            )
-            return counts, jnp.sum(mask)
-
-        counts, num_valid = jax.lax.map(one_batch, (test_f, test_l, test_m))
-        return jnp.sum(counts, axis=0), jnp.sum(num_valid)
-
     if mesh is not None:
         replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis_name))
         test = [jax.device_put(x, replicated) for x in test]
         train = [jax.device_put(x, rows) for x in (train_features, train_labels, train_mask)]
-        count_all = jax.shard_map(
-            count_all,
-            mesh=mesh,
-            in_specs=(P(),) * 3 + (P(axis_name),) * 3,
-            out_specs=(P(), P()),
-        )
     else:
         train = [train_features, train_labels, train_mask]
-    counts, num_valid = jax.jit(count_all)(*test, *train)
+    count_all = _correct_counter(num_classes, ks, k_local, k_max, temperature, train_chunk_size, mesh, axis_name)
+    counts, num_valid = count_all(*test, *train)
     counts, num_valid = np.asarray(counts), max(int(num_valid), 1)
     metrics = {}
     for k, (top1, top5) in zip(ks, counts):

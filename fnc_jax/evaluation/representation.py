@@ -17,8 +17,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from fnc_jax import train
+from fnc_jax import console
 from fnc_jax.evaluation import features, knn
+from fnc_jax.models import factory
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
@@ -74,9 +75,8 @@ def evaluate_encoder(model, variables: dict, config, mesh, num_classes: int) -> 
     return scores
 
 
-def quality_report(config: ml_collections.ConfigDict, model, state, mesh, info) -> dict[str, Any]:
-    """kNN and linear-probe accuracy of the pretrained encoder and of a random one, plus FN precision."""
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+def quality_report(config: ml_collections.ConfigDict, model, variables: dict, mesh, info) -> dict[str, Any]:
+    """kNN and linear-probe accuracy of the pretrained encoder (`variables`) and of a random one."""
     report: dict[str, Any] = {
         "split": config.data.eval_split,
         "pretrained": evaluate_encoder(model, variables, config, mesh, info.num_classes),
@@ -84,7 +84,7 @@ def quality_report(config: ml_collections.ConfigDict, model, state, mesh, info) 
     if config.eval.compare_random_init:
         size = config.data.image_size
         random_vars = jax.jit(lambda key: model.init(key, jnp.zeros((2, size, size, 3)), train=False))(
-            train.parameter_init_key(config.seed + 1)
+            factory.init_key(config.seed + 1)
         )
         report["random_init"] = evaluate_encoder(model, random_vars, config, mesh, info.num_classes)
     return report
@@ -101,17 +101,19 @@ def flat_scalars(report: dict[str, Any]) -> dict[str, float]:
 
 def print_report(report: dict[str, Any]) -> None:
     rows = [k for k in report["pretrained"] if k not in ("num_train", "num_test")]
-    print(f"\nRepresentation quality on the held-out '{report['split']}' split "
-          f"({report['pretrained']['num_test']} images; frozen encoder features):")
-    header = f"  {'metric':<22}{'pretrained':>12}" + (f"{'random init':>14}" if "random_init" in report else "")
-    print(header)
+    random = "random_init" in report
+    lines = [
+        f"\nRepresentation quality on the held-out '{report['split']}' split "
+        f"({report['pretrained']['num_test']} images; frozen encoder features):",
+        f"  {'metric':<22}{'pretrained':>12}" + (f"{'random init':>14}" if random else ""),
+    ]
     for k in rows:
-        line = f"  {k:<22}{100 * report['pretrained'][k]:>11.2f}%"
-        if "random_init" in report:
-            line += f"{100 * report['random_init'][k]:>13.2f}%"
-        print(line)
+        lines.append(
+            f"  {k:<22}{100 * report['pretrained'][k]:>11.2f}%" + (f"{100 * report['random_init'][k]:>13.2f}%" if random else "")
+        )
     if report.get("fn_precision_last_window") is not None:
-        print(
+        lines.append(
             f"  false-negative precision during the last logged training window: "
             f"{100 * report['fn_precision_last_window']:.1f}% (recall {100 * report['fn_recall_last_window']:.1f}%)"
         )
+    console.say("\n".join(lines))

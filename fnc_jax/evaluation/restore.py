@@ -1,6 +1,6 @@
 """Starting an evaluation from a pretraining checkpoint: find it, read it, and apply the restore rules.
 
-A pretraining checkpoint is the orbax save of `train.TrainState` (`checkpoints.Checkpoints`):
+A pretraining checkpoint is the orbax save of `step.TrainState` (`checkpoints.Checkpoints`):
 `<workdir>/checkpoints/<step>/default/` holding `step`, `params`, `batch_stats`, `opt_state`,
 `ema_params`, `ema_batch_stats`, `memory`, `memory_labels` and `rng`. Evaluations read the saved tree
 directly (orbax partial restore of the chosen network's `params` / `batch_stats` only), so they never
@@ -36,15 +36,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
+from fnc_jax import errors
+
 ITEM = "default"  # the item directory a CheckpointManager gives a single StandardSave item
 COLLECTIONS = ("params", "batch_stats")
-RESTORED_MODULES = {
-    "linear_eval": ("encoder", "projection_head"),
-    "finetune": ("encoder", "projection_head"),
-    "transfer": ("encoder", "projection_head"),
-    "knn": ("encoder", "projection_head"),
-    "fn_analysis": ("encoder", "projection_head"),
-}
+# Every mode restores these (those the evaluation network has: no projection head at ft_proj_selector 0).
+RESTORED_MODULES = ("encoder", "projection_head")
 STATE_FIELDS_NEVER_READ = ("step", "opt_state", "memory", "memory_labels", "rng")
 MODEL_FIELDS = ("depth", "width_multiplier", "sk_ratio", "se_ratio", "proj_layers", "proj_out_dim", "proj_hidden_dim")
 
@@ -66,7 +63,7 @@ def find_checkpoint(pretrained: ml_collections.ConfigDict) -> PretrainedSource:
     if pretrained.checkpoint:
         step_dir = epath.Path(pretrained.checkpoint)
         if not (step_dir / ITEM).is_dir():
-            raise FileNotFoundError(
+            raise errors.InputNotFoundError(
                 f"config.pretrained.checkpoint={pretrained.checkpoint!r} is not a checkpoint step directory "
                 f"(no {ITEM}/ inside): allowed are directories such as <pretraining workdir>/checkpoints/<step>."
             )
@@ -81,13 +78,13 @@ def find_checkpoint(pretrained: ml_collections.ConfigDict) -> PretrainedSource:
             steps = sorted(manager.all_steps())
             manager.close()
         if not steps:
-            raise FileNotFoundError(
+            raise errors.InputNotFoundError(
                 f"config.pretrained.workdir={pretrained.workdir!r} holds no complete checkpoint in {directory}: "
                 "allowed are workdirs of a pretraining run (python -m fnc_jax.main --config=configs/<pretrain>.py)."
             )
         step = steps[-1] if pretrained.step == -1 else pretrained.step
         if step not in steps:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"config.pretrained.step={pretrained.step} is not saved in {directory}: allowed are -1 (latest) "
                 f"or one of {steps}."
             )
@@ -108,7 +105,7 @@ def check_model_matches(config: ml_collections.ConfigDict, source: PretrainedSou
     for field in MODEL_FIELDS:
         mine, theirs = config.model[field], run["model"].get(field)
         if theirs is not None and mine != theirs:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"config.model.{field}={mine!r} does not match the pretraining run ({theirs!r} in "
                 f"{source.step_dir.parent.parent / 'config.json'}): allowed is {theirs!r}."
             )
@@ -118,7 +115,7 @@ def check_model_matches(config: ml_collections.ConfigDict, source: PretrainedSou
     theirs = _cifar_stem(run["model"].get("stem", "auto"), size)
     if _cifar_stem(config.model.stem, config.data.image_size) != theirs:
         wanted = "cifar" if theirs else "imagenet"
-        raise ValueError(
+        raise errors.ConfigError(
             f"config.model.stem={config.model.stem!r} with config.data.image_size={config.data.image_size} selects the "
             f"{'imagenet' if theirs else 'cifar'} ResNet stem but the pretraining run used the {wanted} stem "
             f"(model.stem={run['model'].get('stem', 'auto')!r} at image_size={size}): allowed is model.stem={wanted!r} "
@@ -127,7 +124,7 @@ def check_model_matches(config: ml_collections.ConfigDict, source: PretrainedSou
 
 
 def _cifar_stem(stem: str, image_size: int) -> bool:
-    """`configuration.uses_cifar_stem` on plain values (a run's config.json)."""
+    """`models.factory.uses_cifar_stem` on plain values (a run's config.json)."""
     return stem == "cifar" or (stem == "auto" and image_size <= 32)
 
 
@@ -161,7 +158,7 @@ def load_network(source: PretrainedSource, *, network: str, modules: tuple[str, 
     if network == "ema":
         keys = {"params": "ema_params", "batch_stats": "ema_batch_stats"}
         if not tree.get("ema_params"):
-            raise ValueError(
+            raise errors.ConfigError(
                 f"config.pretrained.network='ema' but {source.step_dir} holds no EMA network (pretrained without "
                 "memory): allowed is 'online'."
             )
@@ -208,7 +205,7 @@ def merge_pretrained(
                 continue
             source = pretrained.get(collection, {}).get(module)
             if source is None:
-                raise ValueError(
+                raise errors.ConfigError(
                     f"The checkpoint has no {name}, which the evaluation network needs: check config.model against "
                     "the pretraining config."
                 )
@@ -216,7 +213,7 @@ def merge_pretrained(
             for key in sorted(set(mine) | set(saved)):
                 a, b = mine.get(key), saved.get(key)
                 if a is None or b is None or a.shape != b.shape:
-                    raise ValueError(
+                    raise errors.ConfigError(
                         f"{name}/{_path(key)}: the network has "
                         f"{'no such variable' if a is None else f'shape {a.shape}'}, the checkpoint "
                         f"{'has none' if b is None else f'shape {b.shape}'}; config.model (or data.image_size) "

@@ -25,6 +25,7 @@ _LAYOUTS: dict[int, tuple[bool, tuple[int, ...]]] = {
     152: (True, (3, 8, 36, 3)),
     200: (True, (3, 24, 36, 3)),
 }
+DEPTHS = tuple(sorted(_LAYOUTS))
 
 _CONV_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 

@@ -1,10 +1,10 @@
 """End-to-end tests of the evaluation modes (`fnc_jax.evaluate.run`) from a tiny pretraining checkpoint.
 
-The module fixture writes a pretraining workdir in exactly the format `train.pretrain` leaves behind
-(`config.json` + orbax saves of a `train.TrainState` through `checkpoints.Checkpoints`), for a 1/4-width
+The module fixture writes a pretraining workdir in exactly the format `pretrain.run` leaves behind
+(`config.json` + orbax saves of a `step.TrainState` through `checkpoints.Checkpoints`), for a 1/4-width
 ResNet-18 at 28 px in memory mode, with perturbed parameters and BatchNorm statistics so that restored
 values can never be mistaken for a fresh initialisation. Compiling the real pretraining step costs
-~2 min on 2 CPU cores, so the real `train.pretrain` → `python -m fnc_jax.main` path has its own slow
+~2 min on 2 CPU cores, so the real `pretrain.run` → `python -m fnc_jax.main` path has its own slow
 test. The modes read a tiny TFDS dataset (real TFDS builder, split slicing) made of embedded digits.
 """
 
@@ -15,7 +15,6 @@ import json
 import pathlib
 import subprocess
 import sys
-import types
 
 import flax.linen as nn
 import jax
@@ -26,9 +25,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from fnc_jax import checkpoints, evaluate, optim, parallel, train
+from fnc_jax import checkpoints, evaluate, optim, parallel, pretrain, step
 from fnc_jax.data import sources
 from fnc_jax.evaluation import classification, features, representation, restore
+from fnc_jax.models import factory
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TINY_NAME = "fnc_eval_tiny_digits"
@@ -79,21 +79,21 @@ def _random_leaf(path, leaf, rng):
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Pretrained:
-    """A pretraining workdir in the format `train.pretrain` writes, without compiling anything.
+    """A pretraining workdir in the format `pretrain.run` writes, without compiling anything.
 
-    The saved tree has the exact structure of `train.init_state` (shapes from `jax.eval_shape`), filled
+    The saved tree has the exact structure of `step.init_state` (shapes from `jax.eval_shape`), filled
     with random values whose moving statistics differ from a fresh initialisation, and a distinct EMA
     network; steps 1 and 2 are saved.
     """
     config = tiny_pretrain_config()
     workdir = tmp_path_factory.mktemp("pretrain")
-    model, ema_model = train.build_model(config, 10), train.build_model(config, 0)
+    model, ema_model = factory.contrastive_model(config, 10), factory.contrastive_model(config, 0)
     abstract_params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 28, 28, 3)), train=False))
     tx = optim.create_optimizer(
         name="lars", schedule=0.1, weight_decay=1e-4, momentum=0.9, trust_coefficient=1e-3,
         params=abstract_params["params"],
     )
-    abstract = jax.eval_shape(functools.partial(train.init_state, config, model, ema_model, tx))
+    abstract = jax.eval_shape(functools.partial(step.init_state, config, model, ema_model, tx))
     rng = np.random.default_rng(0)
     state = jax.tree_util.tree_map_with_path(lambda path, leaf: _random_leaf(path, leaf, rng), abstract)
     state = state.replace(memory_labels=np.full(abstract.memory_labels.shape, -1, np.int32))
@@ -201,7 +201,7 @@ def test_restore_rules_per_mode(pretrained, tiny_data):
     # Linear evaluation: the encoder only (no projection head in the network), a zero head.
     c = eval_config("default_linear_eval", pretrained, tiny_data)
     source = restore.find_checkpoint(c.pretrained)
-    model = evaluate.build_classifier(c, 10)
+    model = factory.classifier_model(c, 10)
     variables, report = evaluate.initial_variables(c, model, source, mesh)
     assert report["restored"] == ["params/encoder", "batch_stats/encoder"]
     assert report["initialised"] == ["params/head"]
@@ -217,7 +217,7 @@ def test_restore_rules_per_mode(pretrained, tiny_data):
 
     # Fine-tuning: encoder and projection head (parameters and statistics), a zero head.
     c = eval_config("default_finetune", pretrained, tiny_data)
-    variables, report = evaluate.initial_variables(c, evaluate.build_classifier(c, 10), source, mesh)
+    variables, report = evaluate.initial_variables(c, factory.classifier_model(c, 10), source, mesh)
     assert report["restored"] == ["params/encoder", "params/projection_head", "batch_stats/encoder",
                                   "batch_stats/projection_head"]
     assert report["initialised"] == ["params/head"]
@@ -227,7 +227,7 @@ def test_restore_rules_per_mode(pretrained, tiny_data):
 
     # The EMA network of a memory-mode run, on request.
     c.pretrained.network = "ema"
-    variables, report = evaluate.initial_variables(c, evaluate.build_classifier(c, 10), source, mesh)
+    variables, report = evaluate.initial_variables(c, factory.classifier_model(c, 10), source, mesh)
     assert same(variables["params"]["encoder"], ckpt["ema_params"]["encoder"])
     assert not same(variables["params"]["encoder"], ckpt["params"]["encoder"])
     assert "params" in report["not_read"] and "ema_params" not in report["not_read"]
@@ -238,7 +238,7 @@ def test_random_init_baseline_restores_nothing(pretrained, tiny_data):
     c = eval_config("default_finetune", pretrained, tiny_data)
     c.pretrained.workdir, c.pretrained.allow_random_init = "", True
     variables, report = evaluate.initial_variables(
-        c, evaluate.build_classifier(c, 10), restore.PretrainedSource(None, None, None), parallel.create_mesh()
+        c, factory.classifier_model(c, 10), restore.PretrainedSource(None, None, None), parallel.create_mesh()
     )
     assert report["restored"] == [] and "params/encoder" in report["initialised"] and report["checkpoint"] is None
     assert not same(variables["params"]["encoder"], pretrained.state["params"]["encoder"])
@@ -329,12 +329,12 @@ def test_finetune_starts_from_projection_layer0(pretrained, tiny_data):
     c = eval_config("default_finetune", pretrained, tiny_data)
     mesh = parallel.create_mesh()
     source = restore.find_checkpoint(c.pretrained)
-    model = evaluate.build_classifier(c, 10)
+    model = factory.classifier_model(c, 10)
     variables, _ = evaluate.initial_variables(c, model, source, mesh)
     images = sources._mnist_split("test")[0][:4].astype(np.float32) / 255.0
     head_input = _head_input(model, variables, images)
     ckpt = pretrained.state
-    feats = jax.jit(train.build_model(c, 0).apply, static_argnames="train")(
+    feats = jax.jit(factory.contrastive_model(c, 0).apply, static_argnames="train")(
         {"params": {k: ckpt["params"][k] for k in ("encoder", "projection_head")},
          "batch_stats": {k: ckpt["batch_stats"][k] for k in ("encoder", "projection_head")}},
         images, train=False,
@@ -393,7 +393,7 @@ def test_knn_matches_brute_force(pretrained, tiny_data, tmp_path):
     assert results["pretrained"]["restored"][:2] == ["params/encoder", "params/projection_head"]
 
     mesh = parallel.create_mesh()
-    model = evaluate.build_encoder(c)
+    model = factory.contrastive_model(c)
     variables, _ = evaluate.initial_variables(c, model, restore.find_checkpoint(c.pretrained), mesh)
     train_x, train_y = features.extract(model, variables, c, "train", mesh, batch_size=64)
     test_x, test_y = features.extract(model, variables, c, "test", mesh, batch_size=64)
@@ -504,10 +504,10 @@ def test_transfer_sweep_then_retrain(pretrained, tiny_data, tmp_path):
 
 @pytest.mark.slow
 def test_real_pretraining_then_cli_linear_eval(tmp_path):
-    """`train.pretrain` → `python -m fnc_jax.main --config=configs/default_linear_eval.py` (~4 min on 2 cores)."""
+    """`pretrain.run` → `python -m fnc_jax.main --config=configs/default_linear_eval.py` (~4 min on 2 cores)."""
     config = tiny_pretrain_config()
     pretrain_dir = tmp_path / "pretrain"
-    train.pretrain(config, str(pretrain_dir))
+    pretrain.run(config, str(pretrain_dir))
     eval_dir = tmp_path / "linear"
     command = [
         sys.executable, "-m", "fnc_jax.main", "--config=configs/default_linear_eval.py", f"--workdir={eval_dir}",
@@ -541,20 +541,19 @@ def test_quality_report_of_a_checkpoint_and_of_a_random_encoder(pretrained, tiny
     c.data.update(source="tfds", name=TINY_NAME, data_dir=tiny_data, train_split="train", eval_split="test")
     c.eval.update(batch_size=64, knn_ks=(20,), probe_epochs=50)
     mesh = parallel.create_mesh()
-    model = train.build_model(c, 0)
-    # quality_report reads the online network of the state (what `train.pretrain` passes), not the probe.
-    state = types.SimpleNamespace(
-        params={k: v for k, v in pretrained.state["params"].items() if k != "probe"},
-        batch_stats=pretrained.state["batch_stats"],
-    )
-    report = representation.quality_report(c, model, state, mesh, sources.get_source_info(c.data))
+    model = factory.contrastive_model(c, 0)
+    # quality_report gets the online network of the state (what `pretrain.run` passes), not the probe.
+    variables = {
+        "params": {k: v for k, v in pretrained.state["params"].items() if k != "probe"},
+        "batch_stats": pretrained.state["batch_stats"],
+    }
+    report = representation.quality_report(c, model, variables, mesh, sources.get_source_info(c.data))
     assert report["split"] == "test"
     for name in ("pretrained", "random_init"):
         scores = report[name]
         assert scores["num_train"] == NUM_TRAIN and scores["num_test"] == NUM_TEST
         assert all(0.0 <= scores[k] <= 1.0 for k in ("knn_top1_k20", "knn_top5_k20", "linear_probe_top1"))
     # The pretrained entry is the checkpoint's network: its kNN score is recomputed from its features.
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
     train_x, train_y = features.extract(model, variables, c, "train", mesh, batch_size=64)
     test_x, test_y = features.extract(model, variables, c, "test", mesh, batch_size=64)
     top1, _ = _brute_force_knn(train_x, train_y, test_x, test_y, 20, c.eval.knn_temperature)

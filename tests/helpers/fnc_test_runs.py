@@ -46,7 +46,7 @@ TINY = {
     "eval.final_report": False,
 }
 
-PROGRESS = re.compile(r"^step (\d+)/(\d+) \|", re.MULTILINE)  # the trainer's progress line
+PROGRESS = re.compile(r"^pretrain step (\d+)/(\d+) \|", re.MULTILINE)  # the trainer's progress line
 
 
 def load_config(name: str = "default", **overrides: Any):
@@ -61,6 +61,25 @@ def load_config(name: str = "default", **overrides: Any):
 
 def tiny_config(**overrides: Any):
     return load_config("default", **{**TINY, **overrides})
+
+
+# The tiny step of the in-process step and pretraining tests: 16 px, 1/8 width, 1 support view, a
+# selection loose enough (top-3, threshold 0) that the FN path always selects something.
+STEP = {
+    "batch_size": 16,
+    "views.support_size": 1,
+    "model.width_multiplier": 0.125,
+    "model.proj_layers": 2,
+    "model.proj_out_dim": 16,
+    "data.image_size": 16,
+    "eval.final_report": False,
+    "fn.topk": 3,
+    "fn.threshold": 0.0,
+}
+
+
+def step_config(**overrides: Any):
+    return load_config("default", **{**STEP, **overrides})
 
 
 def cli_args(workdir: pathlib.Path | str, *, config: str = "default", overrides: dict | None = None) -> list[str]:

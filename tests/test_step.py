@@ -1,0 +1,83 @@
+"""Tests of the pretraining step (`fnc_jax.step`): the sharded step equals one device, and views cut on the device."""
+
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent / "helpers"))
+import fnc_test_runs as runs  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from fnc_jax import configuration, parallel, step  # noqa: E402
+from fnc_jax.data import augment_jax  # noqa: E402
+
+def _random_batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    v = configuration.num_views(config)
+    s = config.data.image_size
+    return {
+        "images": rng.uniform(size=(config.batch_size, v, s, s, 3)).astype(np.float32),
+        "labels": rng.integers(0, 3, size=config.batch_size).astype(np.int32),
+    }
+
+
+def _step_on(config, devices, batch, steps=1, learning_rate=0.05):
+    """Runs `steps` train steps (`step.build_step` with a constant LR and a 3-class probe) on a mesh over
+    `devices`; returns (first state, last state, metrics of every step)."""
+    mesh = parallel.create_mesh(devices)
+    fn = configuration.validate_pretrain(config, num_devices=len(devices))
+    program = step.build_step(
+        config, fn, mesh, num_classes=3, num_train=config.batch_size, schedule=optax.constant_schedule(learning_rate)
+    )
+    state = program.initial_state()
+    history, first_state = [], None
+    for _ in range(steps):
+        state, metrics = program.step_fn(state, parallel.global_batch(batch, mesh))
+        history.append(jax.device_get(metrics))
+        first_state = first_state or jax.device_get(state)
+    return first_state, state, history
+
+
+def test_sharded_step_equals_single_device_and_loss_decreases():
+    """Global BN, the gathered loss and the queue make 8 devices compute the 1-device step; training
+    on a fixed batch then lowers the loss while the queue fills with labelled rows."""
+    config = runs.step_config(**{"memory.multiplier": 4, "augment.blur": True})
+    batch = _random_batch(config)
+    state1, _, m1 = _step_on(config, jax.devices()[:1], batch)
+    state8, final8, m8 = _step_on(config, jax.devices()[:8], batch, steps=6)
+    for key in ("loss", "contrastive_loss", "probe_loss", "mean_num_fn", "fn_precision", "grad_norm"):
+        np.testing.assert_allclose(m8[0][key], m1[0][key], rtol=2e-4, err_msg=key)
+    for a, b in zip(jax.tree.leaves(state1.params), jax.tree.leaves(state8.params)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(state8.memory, state1.memory, atol=1e-5)
+    assert float(m1[0]["mean_num_fn"]) > 0  # the FN path is exercised
+
+    losses = [float(m["contrastive_loss"]) for m in m8]
+    assert losses[-1] < losses[0], losses
+    assert all(bool(m["finite"]) for m in m8) and int(final8.step) == 6
+    v, n = configuration.num_views(config), config.batch_size
+    # 6 steps of V*N rows replaced every zero row of the M*N queue; the labels follow the rows.
+    assert int((np.abs(np.asarray(final8.memory)).sum(1) == 0).sum()) == 0
+    np.testing.assert_array_equal(final8.memory_labels[: v * n], np.tile(batch["labels"], v))
+
+
+@pytest.mark.slow  # two step compilations (~60 s); CI runs test_augment_jax's sharded cut instead
+def test_step_cuts_views_from_sharded_canvases():
+    """With augment.crop_on_device the sharded step cuts the views from (canvas, crops) itself: the same
+    step as on the views cut beforehand and sent whole (to one device)."""
+    config = runs.step_config(**{"augment.on_device": True, "augment.crop_on_device": True, "augment.blur": True})
+    n, v = config.batch_size, configuration.num_views(config)
+    canvases, crops = common.random_canvases(n, v, canvas=20, seed=1)
+    labels = np.random.default_rng(1).integers(0, 3, n).astype(np.int32)
+    batch = {"images": canvases, "crops": crops, "labels": labels}
+    settings = augment_jax.ViewAugment.from_config(config, num_devices=1)
+    views = {"images": np.asarray(augment_jax.host_views(batch, settings)), "labels": batch["labels"]}
+    assert views["images"].shape == (n, v, 16, 16, 3)
+    _, _, cut_here = _step_on(config, jax.devices()[:8], batch)
+    _, _, sent_whole = _step_on(config, jax.devices()[:1], views)
+    for key in ("loss", "contrastive_loss", "probe_loss", "grad_norm"):
+        np.testing.assert_allclose(cut_here[0][key], sent_whole[0][key], rtol=2e-4, err_msg=key)
