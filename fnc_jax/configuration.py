@@ -77,12 +77,18 @@ def validate_common(config: ml_collections.ConfigDict, *, num_devices: int, num_
     check.integer(config, "log_every_steps", 1)
     check.choice(config, "data.source", sources.SOURCES)
     validate_model(config)
+    validate_optim(config)
+
+
+def validate_optim(config: ml_collections.ConfigDict) -> None:
+    """`config.optim`, for pretraining and every trained evaluation mode."""
     check.choice(config, "optim.name", optim.OPTIMIZERS)
     check.choice(config, "optim.lr_scaling", optim.LR_SCALINGS)
     check.number(config, "optim.base_lr", 0.0)
     check.number(config, "optim.warmup_epochs", 0.0)
     check.number(config, "optim.weight_decay", 0.0)
     check.number(config, "optim.momentum", 0.0, 1.0)
+    check.number(config, "optim.trust_coefficient", 0.0)
 
 
 def validate_pretrain(config: ml_collections.ConfigDict, *, num_devices: int, num_processes: int = 1) -> FNConfig:

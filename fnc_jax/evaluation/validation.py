@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import ml_collections
 
-from fnc_jax import config_base, configuration, errors, optim
+from fnc_jax import config_base, configuration, errors
 from fnc_jax import field_checks as check
 from fnc_jax.data import sources
 from fnc_jax.evaluation import classification
@@ -61,13 +61,7 @@ def validate_eval(config: ml_collections.ConfigDict, *, num_devices: int, num_pr
     _validate_pretrained(config)
     if mode in config_base.TRAINED_MODES:
         _section(config, "optim", mode)
-        check.choice(config, "optim.name", optim.OPTIMIZERS)
-        check.choice(config, "optim.lr_scaling", optim.LR_SCALINGS)
-        check.number(config, "optim.base_lr", 0.0)
-        check.number(config, "optim.warmup_epochs", 0.0)
-        check.number(config, "optim.weight_decay", 0.0)
-        check.number(config, "optim.momentum", 0.0, 1.0)
-        check.number(config, "optim.trust_coefficient", 0.0)
+        configuration.validate_optim(config)
     if mode in ("finetune", "transfer"):
         _section(config, "finetune", mode)
         if not isinstance(config.finetune.train_projection, bool):
