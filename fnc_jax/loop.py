@@ -195,7 +195,7 @@ def train(
     store = checkpoints.Checkpoints(workdir / "checkpoints", keep=settings.keep_checkpoints)
     if store.latest_step() is not None:
         state = on_restore(store.restore(state))
-        logging.info("Resumed %s from step %d of %s", settings.what, int(state.step), workdir)
+        logging.info("Resumed from step %d of %s (%s)", int(state.step), workdir, settings.what)
     start_step, total = int(state.step), settings.total_steps
     history_path = workdir / HISTORY_FILE
     history = _read_history(history_path, start_step) if process_index == 0 else []
@@ -259,7 +259,7 @@ def train(
                 write_history()
                 progress.paused += time.time() - t
             if stop:
-                logging.warning("Stopped %s for preemption at step %d; the run resumes from here.", settings.what, done)
+                logging.warning("Stopped for preemption at step %d of %s; the run resumes from here.", done, settings.what)
                 break
             if done < total:
                 batch = next(stream)

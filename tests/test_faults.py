@@ -25,7 +25,7 @@ RUN_TIMEOUT = 600  # s per training process: a hung run fails the test instead o
 
 
 def _resumed_from(text: str) -> int | None:
-    match = re.search(r"Resumed pretrain from step (\d+)", text)
+    match = re.search(r"Resumed from step (\d+)", text)
     return int(match.group(1)) if match else None
 
 
