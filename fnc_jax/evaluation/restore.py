@@ -38,6 +38,7 @@ from flax import traverse_util
 
 from fnc_jax import errors
 
+NETWORKS = ("online", "ema")  # a memory-mode checkpoint holds both; `ema_` prefixes the EMA one
 ITEM = "default"  # the item directory a CheckpointManager gives a single StandardSave item
 COLLECTIONS = ("params", "batch_stats")
 # Every mode restores these (those the evaluation network has: no projection head at ft_proj_selector 0).

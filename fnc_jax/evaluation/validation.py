@@ -12,11 +12,10 @@ import ml_collections
 from fnc_jax import config_base, configuration, errors
 from fnc_jax import field_checks as check
 from fnc_jax.data import sources
-from fnc_jax.evaluation import classification
+from fnc_jax.evaluation import classification, restore
 from fnc_jax.objectives import AGGREGATIONS
 
 KNN_FEATURES = ("encoder", "projection")
-NETWORKS = ("online", "ema")
 
 
 def _section(config: ml_collections.ConfigDict, name: str, mode: str) -> ml_collections.ConfigDict:
@@ -108,7 +107,7 @@ def _validate_pretrained(config: ml_collections.ConfigDict) -> None:
     step = p.step
     if isinstance(step, bool) or not isinstance(step, int) or step < -1:
         raise check.invalid("pretrained.step", step, "-1 (latest) or a saved step >= 0")
-    check.choice(config, "pretrained.network", NETWORKS)
+    check.choice(config, "pretrained.network", restore.NETWORKS)
 
 
 def _validate_fn_analysis(config: ml_collections.ConfigDict) -> None:
