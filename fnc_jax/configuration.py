@@ -116,7 +116,8 @@ def validate_model(config: ml_collections.ConfigDict) -> None:
         raise _invalid("model.depth", config.model.depth, ", ".join(map(str, RESNET_DEPTHS)))
     _number(config, "model.width_multiplier", 0.0, open_low=True)
     _choice(config, "model.stem", STEMS)
-    _integer(config, "model.proj_layers", 1)
+    # Evaluations also take networks without a projection head (imported SimCLR v1 checkpoints).
+    _integer(config, "model.proj_layers", 1 if config.mode == "pretrain" else 0)
     _integer(config, "model.proj_out_dim", 1)
     _integer(config, "model.proj_hidden_dim", 0)
     _integer(config, "data.image_size", MIN_IMAGE_SIZE)

@@ -112,17 +112,17 @@ def check_model_matches(config: ml_collections.ConfigDict, source: PretrainedSou
                 f"config.model.{field}={mine!r} does not match the pretraining run ({theirs!r} in "
                 f"{source.step_dir.parent.parent / 'config.json'}): allowed is {theirs!r}."
             )
-    size = run.get("data", {}).get("image_size")
-    if size is None:
+    stem, size = run["model"].get("stem", "auto"), run.get("data", {}).get("image_size")
+    if size is None and stem == "auto":  # an imported checkpoint's config.json names its stem, with no image size
         return
-    theirs = _cifar_stem(run["model"].get("stem", "auto"), size)
+    theirs = _cifar_stem(stem, size)
     if _cifar_stem(config.model.stem, config.data.image_size) != theirs:
         wanted = "cifar" if theirs else "imagenet"
         raise ValueError(
             f"config.model.stem={config.model.stem!r} with config.data.image_size={config.data.image_size} selects the "
             f"{'imagenet' if theirs else 'cifar'} ResNet stem but the pretraining run used the {wanted} stem "
-            f"(model.stem={run['model'].get('stem', 'auto')!r} at image_size={size}): allowed is model.stem={wanted!r} "
-            f"(or 'auto' with image_size {'<=' if theirs else '>'} 32)."
+            f"(model.stem={stem!r}{'' if size is None else f' at image_size={size}'}): allowed is "
+            f"model.stem={wanted!r} (or 'auto' with image_size {'<=' if theirs else '>'} 32)."
         )
 
 
