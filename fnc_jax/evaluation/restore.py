@@ -4,7 +4,8 @@ A pretraining checkpoint is the orbax save of `train.TrainState` (`checkpoints.C
 `<workdir>/checkpoints/<step>/default/` holding `step`, `params`, `batch_stats`, `opt_state`,
 `ema_params`, `ema_batch_stats`, `memory`, `memory_labels` and `rng`. Evaluations read the saved tree
 directly (orbax partial restore of the chosen network's `params` / `batch_stats` only), so they never
-need the pretraining optimiser, queue or config.
+need the pretraining optimiser, queue or config. A workdir written by `python -m fnc_jax.import_checkpoint`
+(an official TF1 checkpoint) is the same save with only `step`, `params` and `batch_stats` filled.
 
 Restore rules (training recipe §5, §6, §9.1 bug 7), per top-level module of the evaluation network:
 

@@ -19,8 +19,10 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import traverse_util
 
+from fnc_jax import configuration
 from fnc_jax.configuration import RESNET_DEPTHS
 from fnc_jax.models import ClassifierModel, ContrastiveModel, resnet_feature_dim
 from fnc_jax.models.resnet import resnet_layout
@@ -100,15 +102,8 @@ class Architecture:
         }
 
     def _network_kwargs(self) -> dict:
-        return dict(
-            depth=self.depth,
-            width_multiplier=self.width_multiplier,
-            cifar_stem=self.cifar_stem,
-            sk_ratio=self.sk_ratio,
-            proj_layers=self.proj_layers,
-            proj_out_dim=self.proj_out_dim,
-            proj_hidden_dim=self.proj_hidden_dim or None,
-        )
+        # From the `model` section, as the evaluations build their network from an imported workdir.
+        return configuration.network_kwargs(ml_collections.ConfigDict({"model": self.model_config(), "dtype": "float32"}))
 
     def network(self) -> ContrastiveModel:
         """The fnc_jax network (encoder + projection head) that reproduces the official one."""
