@@ -10,6 +10,8 @@ checkpoints (written by the official code) check that it reproduces the official
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 import tensorflow as tf
 
@@ -182,6 +184,7 @@ def run(store: Store, images: np.ndarray, *, head: str | None = "head_contrastiv
 
 def save(values: dict[str, np.ndarray], prefix: str) -> str:
     """A TF checkpoint holding exactly `values` under their names (what the official Saver writes)."""
+    pathlib.Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     names = sorted(values)
     tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names),
                       tensors=[tf.constant(values[n]) for n in names])
