@@ -54,7 +54,8 @@ def validate_model(config: ml_collections.ConfigDict) -> None:
         raise check.invalid("model.depth", config.model.depth, ", ".join(map(str, resnet.DEPTHS)))
     check.number(config, "model.width_multiplier", 0.0, open_low=True)
     check.choice(config, "model.stem", STEMS)
-    check.integer(config, "model.proj_layers", 1)
+    # Evaluations also take networks without a projection head (imported SimCLR v1 checkpoints).
+    check.integer(config, "model.proj_layers", 1 if config.mode == config_base.PRETRAIN else 0)
     check.integer(config, "model.proj_out_dim", 1)
     check.integer(config, "model.proj_hidden_dim", 0)
     check.integer(config, "data.image_size", MIN_IMAGE_SIZE)

@@ -4,7 +4,8 @@ A pretraining checkpoint is the orbax save of `step.TrainState` (`checkpoints.Ch
 `<workdir>/checkpoints/<step>/default/` holding `step`, `params`, `batch_stats`, `opt_state`,
 `ema_params`, `ema_batch_stats`, `memory`, `memory_labels` and `rng`. Evaluations read the saved tree
 directly (orbax partial restore of the chosen network's `params` / `batch_stats` only), so they never
-need the pretraining optimiser, queue or config.
+need the pretraining optimiser, queue or config. A workdir written by `python -m fnc_jax.import_checkpoint`
+(an official TF1 checkpoint) is the same save with only `step`, `params` and `batch_stats` filled.
 
 Restore rules (training recipe §5, §6, §9.1 bug 7), per top-level module of the evaluation network:
 
@@ -110,17 +111,17 @@ def check_model_matches(config: ml_collections.ConfigDict, source: PretrainedSou
                 f"config.model.{field}={mine!r} does not match the pretraining run ({theirs!r} in "
                 f"{source.step_dir.parent.parent / 'config.json'}): allowed is {theirs!r}."
             )
-    size = run.get("data", {}).get("image_size")
-    if size is None:
+    stem, size = run["model"].get("stem", "auto"), run.get("data", {}).get("image_size")
+    if size is None and stem == "auto":  # an imported checkpoint's config.json names its stem, with no image size
         return
-    theirs = _cifar_stem(run["model"].get("stem", "auto"), size)
+    theirs = _cifar_stem(stem, size)
     if _cifar_stem(config.model.stem, config.data.image_size) != theirs:
         wanted = "cifar" if theirs else "imagenet"
         raise errors.ConfigError(
             f"config.model.stem={config.model.stem!r} with config.data.image_size={config.data.image_size} selects the "
             f"{'imagenet' if theirs else 'cifar'} ResNet stem but the pretraining run used the {wanted} stem "
-            f"(model.stem={run['model'].get('stem', 'auto')!r} at image_size={size}): allowed is model.stem={wanted!r} "
-            f"(or 'auto' with image_size {'<=' if theirs else '>'} 32)."
+            f"(model.stem={stem!r}{'' if size is None else f' at image_size={size}'}): allowed is "
+            f"model.stem={wanted!r} (or 'auto' with image_size {'<=' if theirs else '>'} 32)."
         )
 
 

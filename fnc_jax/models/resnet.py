@@ -30,7 +30,8 @@ DEPTHS = tuple(sorted(_LAYOUTS))
 _CONV_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
-def _layout(depth: int) -> tuple[bool, tuple[int, ...]]:
+def resnet_layout(depth: int) -> tuple[bool, tuple[int, ...]]:
+    """(bottleneck blocks?, blocks per group) of a ResNet `depth`."""
     if depth not in _LAYOUTS:
         raise ValueError(f"ResNet depth must be one of {sorted(_LAYOUTS)}, got {depth}.")
     return _LAYOUTS[depth]
@@ -42,7 +43,7 @@ def _width(channels: int, width_multiplier: float) -> int:
 
 def resnet_feature_dim(depth: int, width_multiplier: float = 1) -> int:
     """Width of the pooled encoder output: 2048w for bottleneck nets, 512w for basic ones."""
-    bottleneck, _ = _layout(depth)
+    bottleneck, _ = resnet_layout(depth)
     return _width(512, width_multiplier) * (4 if bottleneck else 1)
 
 
@@ -215,7 +216,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        bottleneck, layout = _layout(self.depth)
+        bottleneck, layout = resnet_layout(self.depth)
         w = self.width_multiplier
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_CONV_INIT, dtype=self.dtype)
         norm = functools.partial(
