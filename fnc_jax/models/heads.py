@@ -20,7 +20,6 @@ class ProjectionHead(nn.Module):
     out_dim: int = 128
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
-    bn_axis_name: str | None = None
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -44,7 +43,6 @@ class ProjectionHead(nn.Module):
                 use_running_average=not train,
                 momentum=self.bn_momentum,
                 epsilon=self.bn_epsilon,
-                axis_name=self.bn_axis_name,
                 use_bias=not last,
                 dtype=self.dtype,
                 name=f"bn_{i}",

@@ -199,8 +199,8 @@ class ResNet(nn.Module):
     """ResNet v1 encoder returning globally average-pooled float32 features (B, `resnet_feature_dim`).
 
     `sk_ratio > 0` switches to ResNet-D (deep stem, average-pooled shortcuts) and, for bottleneck
-    nets, SK 3×3 units. `bn_axis_name` is only for callers running under `shard_map`/`pmap`; under
-    `jit` on global arrays BatchNorm statistics are already global. `dtype` is the compute dtype;
+    nets, SK 3×3 units. Under `jit` on global arrays BatchNorm statistics are global (over every view of
+    every device) with no axis name. `dtype` is the compute dtype;
     parameters stay float32. Fractional `width_multiplier`s (e.g. 0.25) give small test networks.
     """
 
@@ -211,7 +211,6 @@ class ResNet(nn.Module):
     se_ratio: float = 0.0
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
-    bn_axis_name: str | None = None
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -224,7 +223,6 @@ class ResNet(nn.Module):
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
-            axis_name=self.bn_axis_name,
             dtype=self.dtype,
         )
         avg_down = self.sk_ratio > 0
