@@ -15,13 +15,15 @@ Layout conventions (method.md §1):
   equal the single-device loss on the global batch.
 
 Modules: `fn_config` (settings), `layout` (normalisation, candidates, collectives), `selection`
-(false-negative identification and diagnostics), `fnc` (the FNC losses and the memory queue).
+(false-negative identification and diagnostics), `fnc` (the FNC losses and the memory queue), `debiased`
+(the DCL and HCL losses, in-batch, optionally with false-negative elimination).
 
 Memory: by default (`low_memory=True`) the loss is computed view by view inside a rematerialised
 `lax.scan`, so the largest temporaries are `(B, C)` blocks (C = number of candidate columns) instead
 of the `(V, B, C)` stack of all views' similarities; the backward pass recomputes each view's block.
 """
 
+from fnc_jax.objectives.debiased import DEBIASED_FN_MODES, dcl_loss, hcl_loss
 from fnc_jax.objectives.fn_config import AGGREGATIONS, MODES, SELECTIONS, SUPPORT_SETS, FNConfig
 from fnc_jax.objectives.fnc import fnc_loss, fnc_memory_loss, update_memory
 from fnc_jax.objectives.layout import l2_normalize
@@ -29,13 +31,16 @@ from fnc_jax.objectives.selection import false_negative_mask
 
 __all__ = [
     "AGGREGATIONS",
+    "DEBIASED_FN_MODES",
     "MODES",
     "SELECTIONS",
     "SUPPORT_SETS",
     "FNConfig",
+    "dcl_loss",
     "false_negative_mask",
     "fnc_loss",
     "fnc_memory_loss",
+    "hcl_loss",
     "l2_normalize",
     "update_memory",
 ]
