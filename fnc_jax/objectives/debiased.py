@@ -1,6 +1,6 @@
 """The debiased (DCL; Chuang et al., 2020) and hard-negative (HCL; Robinson et al., 2021) contrastive
 losses in fnc_jax's multi-view layout, optionally with false-negative elimination
-(docs/related_objectives.md, "Debiased contrastive loss", "Hard negative sampling", "More than two views").
+(docs/related_objectives.md §1 DCL, §2 HCL, §3 the scale convention, §4 more than two views).
 
 For anchor view a of sample i and each positive p (another view of the same image), with logits
 l = <z_a(i), Z_c> / t, M(i) negatives (the views of the other images that are not eliminated) and the
