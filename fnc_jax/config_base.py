@@ -56,6 +56,9 @@ def pretrain_config() -> ml_collections.ConfigDict:
     c.model.online_probe = True  # linear probe on stop-gradient features, when labels exist
 
     c.loss = ml_collections.ConfigDict()
+    c.loss.name = "fnc"  # fnc (FNC; with fn.mode='none' the multi-view NT-Xent baseline) | dcl | hcl
+    c.loss.tau_plus = 0.1  # dcl, hcl: the class prior of the debiased estimator, in [0, 1)
+    c.loss.beta = 1.0  # hcl: how strongly hard negatives are up-weighted, >= 0 (0 = dcl)
     c.loss.temperature = 0.1
     c.loss.hidden_norm = True
     c.loss.low_memory = True  # view-by-view loss: peak memory ~ B*V*N instead of B*V*V*N

@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-from fnc_jax import config_base, errors, optim
+from fnc_jax import config_base, errors, objectives, optim
 from fnc_jax import field_checks as check
 from fnc_jax.data import sources
 from fnc_jax.models import resnet
@@ -103,6 +103,7 @@ def validate_pretrain(config: ml_collections.ConfigDict, *, num_devices: int, nu
             "allowed are views.support_size >= 1, or fn.support_set='all_views'."
         )
     check.number(config, "loss.temperature", 0.0, open_low=True)
+    validate_loss(config, fn)
     views = num_views(config)
     multiplier = check.integer(config, "memory.multiplier", 0)
     if 0 < multiplier < views:
@@ -114,6 +115,29 @@ def validate_pretrain(config: ml_collections.ConfigDict, *, num_devices: int, nu
     check.number(config, "optim.probe_lr_multiplier", 0.0)
     validate_augment(config)
     return fn
+
+
+def validate_loss(config: ml_collections.ConfigDict, fn: FNConfig) -> None:
+    """The objective (`loss.name`) and its parameters; DCL and HCL (docs/related_objectives.md) take
+    elimination or no cancellation, and the in-batch candidates only."""
+    check.choice(config, "loss.name", objectives.OBJECTIVES)
+    check.number(config, "loss.tau_plus", 0.0, 1.0)
+    if config.loss.tau_plus >= 1.0:
+        raise check.invalid("loss.tau_plus", config.loss.tau_plus, "numbers in [0, 1)")
+    check.number(config, "loss.beta", 0.0)
+    if config.loss.name == "fnc":
+        return
+    if fn.mode not in objectives.DEBIASED_FN_MODES:
+        raise check.invalid(
+            "fn.mode", fn.mode, f"{', '.join(objectives.DEBIASED_FN_MODES)} with loss.name={config.loss.name!r} "
+            "(the debiased estimator already corrects the negatives for false negatives; attraction would count "
+            "them twice)"
+        )
+    if config.memory.multiplier:
+        raise check.invalid(
+            "memory.multiplier", config.memory.multiplier, f"0 with loss.name={config.loss.name!r} (DCL and HCL "
+            "use the in-batch candidates)"
+        )
 
 
 def validate_augment(config: ml_collections.ConfigDict) -> None:

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from fnc_jax import configuration, optim, parallel
 from fnc_jax.data import augment_jax
 from fnc_jax.models import ContrastiveModel, factory
-from fnc_jax.objectives import FNConfig, fnc_loss, fnc_memory_loss, l2_normalize, update_memory
+from fnc_jax.objectives import FNConfig, dcl_loss, fnc_loss, fnc_memory_loss, hcl_loss, l2_normalize, update_memory
 
 EMA_MODULES = ("encoder", "projection_head")
 FN_METRICS = ("mean_num_fn", "fn_precision", "fn_recall")
@@ -55,8 +55,11 @@ class TrainState(struct.PyTreeNode):
 class StepSettings:
     """Static settings of the train step (hashable: part of the jit cache key)."""
 
+    loss: str  # the objective, `objectives.OBJECTIVES`
     fn: FNConfig
     temperature: float
+    tau_plus: float  # dcl, hcl
+    beta: float  # hcl
     hidden_norm: bool
     low_memory: bool
     num_views: int
@@ -70,8 +73,11 @@ class StepSettings:
         cls, config: ml_collections.ConfigDict, fn: FNConfig, probe: bool, num_devices: int
     ) -> StepSettings:
         return cls(
+            loss=config.loss.name,
             fn=fn,
             temperature=float(config.loss.temperature),
+            tau_plus=float(config.loss.tau_plus),
+            beta=float(config.loss.beta),
             hidden_norm=bool(config.loss.hidden_norm),
             low_memory=bool(config.loss.low_memory),
             num_views=configuration.num_views(config),
@@ -166,7 +172,7 @@ def contrastive_loss(
     labels: jax.Array,
     targets: Targets,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The FNC objective per device under shard_map; (B, V, d) global inputs, global scalar outputs."""
+    """The objective (`settings.loss`) per device under shard_map; (B, V, d) global inputs, global scalar outputs."""
     s = settings
     common = dict(temperature=s.temperature, hidden_norm=s.hidden_norm, fn=s.fn, low_memory=s.low_memory)
     axis = parallel.DATA_AXIS
@@ -178,6 +184,10 @@ def contrastive_loss(
             loss, aux = fnc_memory_loss(
                 z, jnp.swapaxes(e, 0, 1), q, axis_name=axis, labels=y, memory_labels=ql, **common
             )
+        elif s.loss == "dcl":
+            loss, aux = dcl_loss(z, tau_plus=s.tau_plus, axis_name=axis, labels=y, **common)
+        elif s.loss == "hcl":
+            loss, aux = hcl_loss(z, tau_plus=s.tau_plus, beta=s.beta, axis_name=axis, labels=y, **common)
         else:
             loss, aux = fnc_loss(z, axis_name=axis, labels=y, **common)
         return loss, {k: aux[k] for k in FN_METRICS}
@@ -300,6 +310,7 @@ class StepProgram:
     schedule: optax.Schedule
     settings: StepSettings
     step_fn: Any  # jitted (state, global batch) -> (state, metrics)
+    init_fn: Any  # jitted () -> the initial state, replicated over the mesh
     num_classes: int  # of the online probe; 0 without it
 
     @property
@@ -308,8 +319,7 @@ class StepProgram:
 
     def initial_state(self) -> TrainState:
         """The initial state (parameters from `config.seed`), replicated over the mesh."""
-        init = functools.partial(init_state, self.config, self.model, self.ema_model, self.tx)
-        return jax.jit(init, out_shardings=parallel.replicated(self.mesh))()
+        return self.init_fn()
 
 
 def build_step(
@@ -352,4 +362,7 @@ def build_step(
         donate_argnums=0 if donate_state else (),
         out_shardings=(replicated, replicated),
     )
-    return StepProgram(config, mesh, model, ema_model, tx, schedule, settings, step_fn, num_classes if probe else 0)
+    init_fn = jax.jit(functools.partial(init_state, config, model, ema_model, tx), out_shardings=replicated)
+    return StepProgram(
+        config, mesh, model, ema_model, tx, schedule, settings, step_fn, init_fn, num_classes if probe else 0
+    )

@@ -84,6 +84,11 @@ def test_a_run_written_before_a_field_existed_resumes_while_it_is_at_its_default
         ({"ema.init": "zeros"}, "ema.init"),
         ({"loss.temperature": 0.0}, "loss.temperature"),
         ({"dtype": "float16"}, "dtype"),
+        ({"loss.name": "nce"}, "loss.name"),
+        ({"loss.tau_plus": 1.0}, "loss.tau_plus"),
+        ({"loss.beta": -1.0}, "loss.beta"),
+        ({"loss.name": "dcl", "fn.mode": "attraction"}, "fn.mode"),  # DCL / HCL: elimination or none
+        ({"loss.name": "hcl", "fn.mode": "none", "memory.multiplier": 4}, "memory.multiplier"),  # in-batch only
     ],
 )
 def test_invalid_configs_name_the_field(overrides, field):
@@ -127,3 +132,4 @@ def test_an_unusable_workdir_is_a_user_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(errors.ConfigError, match=r"--workdir='.*a_file/run' is invalid .* allowed are writable directories"):
         checkpoints.record_config(blocker / "run", runs.step_config().to_dict(), start_over=False)
+

@@ -14,10 +14,8 @@ resume at all. The runs are in-process to share one compiled train step.
 """
 
 import json
-import os
 import pathlib
 import shutil
-import signal
 import sys
 
 import numpy as np
@@ -26,7 +24,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "helpers"))
 import fnc_test_runs as runs  # noqa: E402
 
-from fnc_jax import checkpoints, loop, optim, pretrain, step  # noqa: E402
+from fnc_jax import checkpoints, optim, pretrain, step  # noqa: E402
 from fnc_jax.data import sources  # noqa: E402
 
 TOTAL, STOP_AT = runs.TINY["total_steps"], 3
@@ -36,32 +34,7 @@ TOTAL, STOP_AT = runs.TINY["total_steps"], 3
 def resumed(tmp_path_factory):
     """One uninterrupted 8-step run and one stopped by SIGTERM at step 3 and resumed (same config)."""
     root = tmp_path_factory.mktemp("resume")
-    config = runs.tiny_config()
-    straight, interrupted = root / "straight", root / "interrupted"
-    real_should_stop = loop.PreemptionWatcher.should_stop
-
-    def should_stop(self, step):
-        if step == STOP_AT:
-            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before os.kill returns
-        return real_should_stop(self, step)
-
-    old_handler = signal.getsignal(signal.SIGTERM)
-    try:
-        with runs.persistent_cache_in_process(runs.cache_dir(tmp_path_factory)):
-            full = pretrain.run(config, str(straight))
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(loop.PreemptionWatcher, "should_stop", should_stop)
-                first = pretrain.run(config, str(interrupted))
-            after_stop = {
-                "checkpoints": runs.checkpoint_steps(interrupted),
-                "history": runs.history(interrupted),
-            }
-            second = pretrain.run(config, str(interrupted))
-    finally:
-        signal.signal(signal.SIGTERM, old_handler)  # the watcher installed its own handler in this process
-    return dict(
-        straight=straight, interrupted=interrupted, full=full, first=first, second=second, after_stop=after_stop
-    )
+    return runs.straight_and_resumed(runs.tiny_config(), root, stop_at=STOP_AT, cache=runs.cache_dir(tmp_path_factory))
 
 
 def test_sigterm_stops_at_the_step_boundary(resumed):

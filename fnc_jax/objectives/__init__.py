@@ -29,10 +29,14 @@ from fnc_jax.objectives.fnc import fnc_loss, fnc_memory_loss, update_memory
 from fnc_jax.objectives.layout import l2_normalize
 from fnc_jax.objectives.selection import false_negative_mask
 
+# The objectives a trainer chooses by name (`loss.name`): FNC (and its multi-view baseline), DCL, HCL.
+OBJECTIVES = ("fnc", "dcl", "hcl")
+
 __all__ = [
     "AGGREGATIONS",
     "DEBIASED_FN_MODES",
     "MODES",
+    "OBJECTIVES",
     "SELECTIONS",
     "SUPPORT_SETS",
     "FNConfig",

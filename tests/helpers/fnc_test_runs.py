@@ -182,6 +182,38 @@ def progress_steps(text: str) -> list[int]:
     return [int(m.group(1)) for m in PROGRESS.finditer(text)]
 
 
+def straight_and_resumed(config, root: pathlib.Path, *, stop_at: int, cache: pathlib.Path) -> dict[str, Any]:
+    """One uninterrupted in-process run of `config` and one stopped by a real SIGTERM at step `stop_at`
+    (sent just before the preemption watcher is asked about that step) and run again to the end."""
+    from fnc_jax import loop, pretrain  # noqa: PLC0415
+
+    straight, interrupted = root / "straight", root / "interrupted"
+    real_should_stop = loop.PreemptionWatcher.should_stop
+
+    def should_stop(self, step):
+        if step == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before os.kill returns
+        return real_should_stop(self, step)
+
+    old_handler = signal.getsignal(signal.SIGTERM)
+    original = loop.PreemptionWatcher.should_stop
+    try:
+        with persistent_cache_in_process(cache):
+            full = pretrain.run(config, str(straight))
+            loop.PreemptionWatcher.should_stop = should_stop
+            try:
+                first = pretrain.run(config, str(interrupted))
+            finally:
+                loop.PreemptionWatcher.should_stop = original
+            after_stop = {"checkpoints": checkpoint_steps(interrupted), "history": history(interrupted)}
+            second = pretrain.run(config, str(interrupted))
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)  # the watcher installed its own handler in this process
+    return dict(
+        straight=straight, interrupted=interrupted, full=full, first=first, second=second, after_stop=after_stop
+    )
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
