@@ -28,7 +28,7 @@ def test_using_the_loss_example_runs():
              "PYTHONPATH": str(REPO)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "FN precision" in result.stdout and "memory loss" in result.stdout
+    assert "FN precision" in result.stdout and "memory loss" in result.stdout and "HCL + elimination" in result.stdout
 
 
 def test_ci_runs_the_readme_test_command():
