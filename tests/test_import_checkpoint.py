@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fnc_jax import evaluate, import_checkpoint, parallel
+from fnc_jax import evaluate, parallel
 from fnc_jax.evaluation import restore
 from fnc_jax.interop import tf1
+from fnc_jax.interop import workdir as imported_workdir
 from fnc_jax.models import factory
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "interop"))
@@ -97,7 +98,7 @@ def test_a_checkpoint_without_projection_head_imports_for_evaluation(tmp_path):
     official_resnet.run(store, np.zeros((1, 32, 32, 3), np.float32), head=None, num_classes=10, depth=18,
                         width_multiplier=0.125)
     path = official_resnet.save({**store.created, "global_step": np.int64(5)}, str(tmp_path / "v1" / "model.ckpt-5"))
-    import_checkpoint.import_to_workdir(path, str(tmp_path / "workdir"))
+    imported_workdir.import_to_workdir(path, str(tmp_path / "workdir"))
     c = eval_config("default_knn", tmp_path / "workdir")
     c.model.update(proj_layers=0, proj_out_dim=64)
     source = restore.find_checkpoint(c.pretrained)
@@ -123,12 +124,20 @@ def test_the_command_refuses_what_it_cannot_map_with_status_2(imported, tmp_path
     assert_refused(command(f"--tf_checkpoint={broken}", f"--workdir={workdir}"), "missing base_model/conv2d_7/kernel")
     assert not workdir.exists()  # refused before anything is written
     with pytest.raises(ValueError, match=r"already holds checkpoints .*: allowed is a new directory"):
-        import_checkpoint.import_to_workdir(str(R18), str(imported))
+        imported_workdir.import_to_workdir(str(R18), str(imported))
 
-    import_checkpoint.import_to_workdir(str(R18), str(workdir), network="ema")  # the momentum encoder
+    imported_workdir.import_to_workdir(str(R18), str(workdir), network="ema")  # the momentum encoder
     assert json.loads((workdir / "config.json").read_text())["imported_from"]["network"] == "ema"
     c = eval_config("default_knn", workdir)
     saved = restore.load_network(restore.find_checkpoint(c.pretrained), network="online", modules=("encoder",),
                                  sharding=parallel.replicated(parallel.create_mesh()))
     np.testing.assert_array_equal(saved["params"]["encoder"]["stem_conv"]["kernel"],
                                   reader.get_tensor("ema_model/base_model/conv2d/kernel"))
+
+
+def test_both_command_line_modules_import_into_one_process():
+    """A test session (or a notebook) imports `fnc_jax.main` and `fnc_jax.import_checkpoint` together: their flags
+    must not collide (CI once failed collecting the tests on a duplicate `--workdir`)."""
+    code = "import fnc_jax.import_checkpoint, fnc_jax.main; print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
