@@ -115,6 +115,28 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def matmul_rate(size: int = 2048, repeats: int = 5) -> dict[str, Any]:
+    """The machine's float32 matmul rate now (numpy, all cores): the speed calibration every benchmark records.
+
+    These VMs drift by up to 2x with nothing visible, so a figure is only comparable with another taken at a
+    known rate; benchmarks call this before and after their measurements and report both. Best of `repeats`
+    `size` x `size` products (2 * size**3 FLOPs each).
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    a @ b  # warm-up (thread pool, caches)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return {"matmul_gflops_per_s": round(2 * size**3 / best / 1e9, 1), "matmul_size": size,
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
 def _cpu_model_name() -> str | None:
     try:
         with open("/proc/cpuinfo") as f:
