@@ -1,0 +1,1 @@
+"""The small-scale study (issue 14): named grids of quickstart runs (`grids`)."""
