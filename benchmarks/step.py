@@ -267,10 +267,10 @@ def part_functions(bundle, state, batch) -> tuple[dict[str, tuple[Any, tuple]], 
         memory = objectives.update_memory(state.memory, jnp.swapaxes(projection, 0, 1).reshape(v * b, -1))
         targets = step.Targets(projection, jax.device_put(memory, replicated), state.memory_labels, None)
 
-    def loss_and_grad(p, y, targets):
-        return jax.value_and_grad(lambda p: step.contrastive_loss(s, mesh, p, y, targets)[0])(p)
+    def loss_and_grad(p, y, targets, at_step):
+        return jax.value_and_grad(lambda p: step.contrastive_loss(s, mesh, p, y, targets, at_step)[0])(p)
 
-    jobs["loss_and_grad"] = (jax.jit(loss_and_grad), (projection, labels, targets))
+    jobs["loss_and_grad"] = (jax.jit(loss_and_grad), (projection, labels, targets, state.step))
     desc["loss_and_grad"] = (
         "value_and_grad of step.contrastive_loss w.r.t. the (B, V, d) projections: candidate gather (in-batch), "
         "FN identification, loss and backward"

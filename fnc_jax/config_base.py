@@ -71,6 +71,13 @@ def pretrain_config() -> ml_collections.ConfigDict:
     c.fn.topk = 10
     c.fn.threshold = 0.7
     c.fn.support_as_positives = True
+    # The schedule (objectives.FNSchedule), as shares of the run's steps; both 0 = off (the fixed selection
+    # from step 0). Nothing is cancelled before start_fraction; over ramp_fraction, k rises from
+    # ramp_from_topk to topk and the threshold falls from ramp_from_threshold (1.0: nothing passes) to threshold.
+    c.fn.start_fraction = 0.0
+    c.fn.ramp_fraction = 0.0
+    c.fn.ramp_from_topk = 1
+    c.fn.ramp_from_threshold = 1.0
 
     c.memory = ml_collections.ConfigDict()
     c.memory.multiplier = 16  # M: queue of M x global-batch rows; 0 = in-batch candidates only

@@ -29,10 +29,10 @@ def get(config: ml_collections.ConfigDict, field: str) -> Any:
     return value
 
 
-def integer(config: ml_collections.ConfigDict, field: str, minimum: int) -> int:
+def integer(config: ml_collections.ConfigDict, field: str, minimum: int, maximum: int | None = None) -> int:
     value = get(config, field)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise invalid(field, value, f"integers >= {minimum}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None and value > maximum):
+        raise invalid(field, value, f"integers >= {minimum}" + ("" if maximum is None else f" and <= {maximum}"))
     return value
 
 

@@ -89,6 +89,11 @@ def test_a_run_written_before_a_field_existed_resumes_while_it_is_at_its_default
         ({"loss.beta": -1.0}, "loss.beta"),
         ({"loss.name": "dcl", "fn.mode": "attraction"}, "fn.mode"),  # DCL / HCL: elimination or none
         ({"loss.name": "hcl", "fn.mode": "none", "memory.multiplier": 4}, "memory.multiplier"),  # in-batch only
+        ({"fn.start_fraction": 1.5}, "fn.start_fraction"),
+        ({"fn.start_fraction": 0.6, "fn.ramp_fraction": 0.6}, "fn.ramp_fraction"),  # the ramp ends after the run
+        ({"fn.ramp_fraction": 0.5, "fn.ramp_from_topk": 4}, "fn.ramp_from_topk"),  # above fn.topk = 3
+        ({"fn.ramp_fraction": 0.5, "fn.ramp_from_threshold": float("inf")}, "fn.ramp_from_threshold"),
+        ({"fn.mode": "none", "fn.start_fraction": 0.5}, "fn.start_fraction"),  # nothing to schedule
     ],
 )
 def test_invalid_configs_name_the_field(overrides, field):

@@ -84,7 +84,7 @@ class FNSchedule:
     """When false-negative cancellation starts and how its selection reaches `FNConfig`'s values.
 
     Before `start_step` nothing is selected, so the loss is the `mode='none'` loss. From `start_step` on,
-    over `ramp_steps` steps, k rises linearly (rounded) from `from_topk` to `FNConfig.topk` and the
+    over `ramp_steps` steps, k rises linearly (rounded half up) from `from_topk` to `FNConfig.topk` and the
     threshold moves linearly from `from_threshold` to `FNConfig.threshold`; from `start_step + ramp_steps`
     on, the selection is exactly the fixed one. Early in training the embeddings do not yet cluster by
     class and most selected candidates are true negatives (the FN precision is low), which is what this
@@ -117,7 +117,7 @@ class FNSchedule:
         since = (step - self.start_step).astype(jnp.float32)
         done = since >= self.ramp_steps  # the ramp is over: the fixed selection, exactly
         progress = jnp.clip(since / max(self.ramp_steps, 1), 0.0, 1.0)
-        ramped_k = self.from_topk + jnp.round(progress * (fn.topk - self.from_topk)).astype(jnp.int32)
+        ramped_k = self.from_topk + jnp.floor(progress * (fn.topk - self.from_topk) + 0.5).astype(jnp.int32)  # half up
         ramped_threshold = self.from_threshold + progress * (jnp.float32(fn.threshold) - self.from_threshold)
         active = step >= self.start_step
         return FNLimits(

@@ -2,6 +2,8 @@
 the ramp, the ramped k and threshold in between (equal to the fixed selection at that k / threshold), one
 compiled function for every step, and the same for the memory loss and DCL/HCL with elimination."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,9 +29,9 @@ def clustered(seed: int = 0) -> tuple[jax.Array, jax.Array]:
 
 
 def expected_limits(step: int) -> tuple[int, float]:
-    """The ramp written out: k rounds linearly from 1 to 8, the threshold moves from 0.9 to 0.2."""
+    """The ramp written out: k rises linearly (rounded half up) from 1 to 8, the threshold moves from 0.9 to 0.2."""
     progress = min(max((step - SCHEDULE.start_step) / SCHEDULE.ramp_steps, 0.0), 1.0)
-    return round(1 + progress * (FINAL.topk - 1)), 0.9 + progress * (FINAL.threshold - 0.9)
+    return math.floor(1 + progress * (FINAL.topk - 1) + 0.5), 0.9 + progress * (FINAL.threshold - 0.9)
 
 
 @pytest.mark.parametrize("mode", ["attraction", "elimination"])
