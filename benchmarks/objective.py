@@ -48,7 +48,7 @@ from typing import Any
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AXIS = "data"
 
-# Official scale (method.md §12, the official ImageNet configuration).
+# Official scale (the official ImageNet configuration, docs/training_recipe.md; its cost: docs/method.md §12).
 OFFICIAL = {"global_batch": 4096, "views": 10, "dim": 128, "memory_multiplier": 16}
 F32 = 4
 

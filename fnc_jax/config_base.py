@@ -2,8 +2,9 @@
 
 Experiment files in `configs/` start from `pretrain_config()` and change what differs; the field
 names are the contract with `fnc_jax.configuration` (validation) and the trainer. Defaults are the
-official implementation's (google-research/fnc; `shared/spec/training_recipe.md`), except where
-the spec lists an official bug not to replicate (EMA initialisation, per-image blur sigma).
+official implementation's (google-research/fnc; docs/training_recipe.md), except for an official bug not
+to replicate (the EMA encoder's random initialisation, §9.1) and a recommended departure from an official
+quirk (one blur sigma per image rather than per device, §9.2); both official behaviours stay selectable.
 """
 
 import ml_collections

@@ -5,7 +5,7 @@
 | `linear_eval` | zero-init linear head on the frozen network (BN in inference mode) | training recipe §5 |
 | `finetune` | encoder + head from projection layer 0, LARS, global BN in training mode | §6 (1% / 10% labels) |
 | `knn` | weighted kNN (k = 20, 200; T = 0.07) on frozen l2-normalised features, sharded over devices | Wu et al. 2018 |
-| `fn_analysis` | false-negative identification precision / recall over a grid of selection settings | method.md §4 |
+| `fn_analysis` | false-negative identification precision / recall over a grid of selection settings | docs/method.md §4 |
 | `transfer` | linear eval or fine-tuning on another dataset; LR × weight-decay sweep on a held-out part of train, retrain on all of train with the best point, report test accuracy | SimCLR / Kornblith et al. 2019 |
 
 Each run validates its config before anything is read or compiled, records `config.json` in its

@@ -11,7 +11,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from fnc_jax.objectives import FNConfig, false_negative_mask, fnc_loss, fnc_memory_loss, update_memory
 
 # ----------------------------------------------------------------------------------------------
-# A direct NumPy transcription of method.md §3-5 (loops over anchors; single device).
+# A direct NumPy transcription of docs/method.md §3-5 (loops over anchors; single device).
 
 
 def np_l2(x):
@@ -19,7 +19,7 @@ def np_l2(x):
 
 
 def reference_mask(queries, candidates, n, fn, labels=None, cand_labels=None):
-    """(B, C) mask from (V, B, d) queries and (C, d) candidates, per method.md §4."""
+    """(B, C) mask from (V, B, d) queries and (C, d) candidates, per docs/method.md §4."""
     v_q, b = queries.shape[:2]
     c = candidates.shape[0]
     own_views = min(v_q, c // n)
@@ -134,7 +134,7 @@ def test_golden_parity_with_official_implementation(golden_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Invariants of method.md §11.
+# Invariants of docs/method.md §11.
 
 
 def test_two_views_without_fn_is_simclr_nt_xent():

@@ -3,7 +3,7 @@
 Every random draw is a `tf.random.stateless_*` draw from sub-seeds of the `seed` argument (a shape-(2,)
 int32/int64 tensor), so a view is a pure function of (image, seed): a resumed run that replays the same
 seeds rebuilds exactly the same views. The semantics are those of the official FNC / SimCLR v2 pipeline
-(training_recipe.md §2 and §7), including its quirks (§9.2). All functions work in graph mode on images
+(docs/training_recipe.md §2 and §7), including its quirks (§9.2). All functions work in graph mode on images
 of dynamic height and width; images are (H, W, 3).
 """
 

@@ -3,7 +3,7 @@
 Each per-image op is `(image (H, W, 3) float32 in [0, 1], key) -> image`; the `batch_*` forms vmap it
 over per-image keys from `jax.random.split(key, N)`. The colour ops match the host ops in `augment.py`
 (TensorFlow's `adjust_*` kernels), so moving colour work onto the accelerator changes where it runs,
-not what it computes. Blur is always done here, batched over one view tensor (training_recipe.md §2.5).
+not what it computes. Blur is always done here, batched over one view tensor (docs/training_recipe.md §2.5).
 With `augment.crop_on_device` the views themselves are cut here too (`crop_resize`: TF1's legacy
 bicubic resize of the host's crop boxes, on canvases of the decoded images).
 """

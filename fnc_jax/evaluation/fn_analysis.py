@@ -2,7 +2,7 @@
 
 The analysis mimics training: the N labelled samples are cut into consecutive global batches of
 `batch_size` samples (an incomplete last batch is dropped, as training drops it), and each anchor looks
-for false negatives among the V views of the samples of its own global batch (method.md §4). A selected
+for false negatives among the V views of the samples of its own global batch (docs/method.md §4). A selected
 column is a *true* false negative when its label equals the anchor's. Precision (the share of selected
 columns that are true, the paper's "identification accuracy", ~40% on ImageNet) and recall (the share of
 same-label columns that are selected) come from exact integer counts.

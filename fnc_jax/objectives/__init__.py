@@ -6,7 +6,7 @@ paper's variants (elimination, mean aggregation, support-only scoring, top-k or 
 oracle selection are options of `FNConfig`; `FNSchedule` starts and ramps the selection over training.
 See docs/method.md for the maths.
 
-Layout conventions (method.md §1):
+Layout conventions (docs/method.md §1):
 - `embeddings` are `(V, B, d)`: V views of the B samples held by this device. Views 0 and 1 are the
   main views, 2..V-1 the support views.
 - Candidates are columns `c = v * N + g`: view v of global sample g, view-major over the global batch

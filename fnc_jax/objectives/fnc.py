@@ -36,7 +36,7 @@ def _view_losses(
     mode: str,
     low_memory: bool,
 ) -> Array:
-    """(Va,) per-anchor-view mean over samples of L_a(i) (method.md §3, §5)."""
+    """(Va,) per-anchor-view mean over samples of L_a(i) (docs/method.md §3, §5)."""
     num_views, batch = anchors.shape[:2]
     num_columns = candidates.shape[0]
     col = jnp.arange(num_columns)
@@ -113,7 +113,7 @@ def _objective(
         mode=fn.mode,
         low_memory=low_memory,
     )
-    # Sum of the per-view means, scaled by 2/V: SimCLR's two-direction sum at V = 2 (method.md §3).
+    # Sum of the per-view means, scaled by 2/V: SimCLR's two-direction sum at V = 2 (docs/method.md §3).
     loss = global_mean(jnp.sum(losses) * (2.0 / num_views), axis_name)
     aux = fn_metrics(fn_mask, own, labels, candidate_labels, axis_name) | schedule_metrics(schedule, step, fn)
     aux["fn_mask"] = fn_mask.reshape(batch, num_blocks, num_samples)
@@ -132,7 +132,7 @@ def fnc_loss(
     schedule: FNSchedule | None = None,
     step: Array | int = 0,
 ) -> tuple[Array, dict[str, Array]]:
-    """In-batch multi-view contrastive loss with false negative cancellation (method.md §3-6).
+    """In-batch multi-view contrastive loss with false negative cancellation (docs/method.md §3-6).
 
     Args:
       embeddings: `(V, B, d)` projections of V views of this device's B samples (any float dtype;
@@ -190,7 +190,7 @@ def fnc_loss(
 
 
 def update_memory(memory: Array, gathered: Array) -> Array:
-    """Next memory queue (method.md §7): the newest rows first, the oldest dropped.
+    """Next memory queue (docs/method.md §7): the newest rows first, the oldest dropped.
 
     Args:
       memory: `(M*N, ...)` current queue (features, or labels with -1 for empty rows).
@@ -224,7 +224,7 @@ def fnc_memory_loss(
     schedule: FNSchedule | None = None,
     step: Array | int = 0,
 ) -> tuple[Array, dict[str, Array]]:
-    """Memory-bank + EMA-encoder variant of the FNC loss (method.md §7, the official default path).
+    """Memory-bank + EMA-encoder variant of the FNC loss (docs/method.md §7, the official default path).
 
     The anchors are the online embeddings; positives, negatives and false-negative candidates are rows
     of `memory`, which must already hold this step's EMA features in its first V*N rows (pass

@@ -42,7 +42,7 @@ def _aggregate_scores(queries: Array, candidates: Array, aggregation: str, low_m
 def _select(
     scores: Array, own: Array, num_candidates: int, fn: FNConfig, same_label: Array | None, limits: FNLimits | None
 ) -> Array:
-    """Selection of method.md §4.5 on (B, C) aggregated scores; own columns never selected.
+    """Selection of docs/method.md §4.5 on (B, C) aggregated scores; own columns never selected.
 
     `num_candidates` (static) is the number of non-own columns per row, the clamp for k. `limits` (a
     schedule's k and threshold at this step) replace `fn.topk` / `fn.threshold` and gate the selection.
@@ -82,7 +82,7 @@ def false_negative_mask(
     schedule: FNSchedule | None = None,
     step: Array | int = 0,
 ) -> Array:
-    """Identifies the false negatives of B anchor images among candidate columns (method.md §4).
+    """Identifies the false negatives of B anchor images among candidate columns (docs/method.md §4).
 
     Args:
       queries: `(V, B, d)` features of the anchor images' V views (l2-normalised for cosine scores).

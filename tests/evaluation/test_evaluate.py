@@ -413,7 +413,7 @@ def test_knn_matches_brute_force(pretrained, tiny_data, tmp_path):
 
 
 def _direct_fn_counts(embeddings, labels, batch_size, num_views, topk, threshold, aggregation):
-    """(selected, true) false-negative counts by a plain loop over anchors (method.md §4)."""
+    """(selected, true) false-negative counts by a plain loop over anchors (docs/method.md §4)."""
     z = embeddings[:num_views] / np.linalg.norm(embeddings[:num_views], axis=-1, keepdims=True)
     selected = true = 0
     for start in range(0, z.shape[1] // batch_size * batch_size, batch_size):
