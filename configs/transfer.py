@@ -66,7 +66,9 @@ def get_config(arg: str = "cifar10"):
     if name in UNSUPPORTED:
         raise ValueError(f"configs/transfer.py:{arg}: {UNSUPPORTED[name]}.")
     if protocol not in PROTOCOLS:
-        raise ValueError(f"configs/transfer.py:{arg}: the protocol {protocol!r} is invalid; allowed: {', '.join(PROTOCOLS)}.")
+        raise ValueError(
+            f"configs/transfer.py:{arg}: the protocol {protocol!r} is invalid; allowed: {', '.join(PROTOCOLS)}."
+        )
     tfds_name, train, test, sweep_train, sweep_val, _, _ = DATASETS.get(
         name, (name, "train", "test", "train[:80%]", "train[80%:]", None, None)
     )

@@ -58,13 +58,20 @@ def validate_fn_schedule(config: ml_collections.ConfigDict, fn: FNConfig) -> Non
     start = check.number(config, "fn.start_fraction", 0.0, 1.0)
     ramp = check.number(config, "fn.ramp_fraction", 0.0, 1.0)
     if start + ramp > 1.0:
-        raise check.invalid("fn.ramp_fraction", ramp, f"numbers in [0, {1.0 - start:g}] (fn.start_fraction + "
-                            "fn.ramp_fraction <= 1: the ramp ends within the run)")
+        raise check.invalid(
+            "fn.ramp_fraction",
+            ramp,
+            f"numbers in [0, {1.0 - start:g}] (fn.start_fraction + "
+            "fn.ramp_fraction <= 1: the ramp ends within the run)",
+        )
     check.integer(config, "fn.ramp_from_topk", 0, fn.topk)  # the top-k runs at fn.topk and is cut to the ramp's k
     check.number(config, "fn.ramp_from_threshold", -math.inf)
     if schedule_is_on(config) and fn.mode == "none":
-        raise check.invalid("fn.start_fraction", start, "0 with fn.ramp_fraction=0 when fn.mode='none' (there is no "
-                            "cancellation to schedule)")
+        raise check.invalid(
+            "fn.start_fraction",
+            start,
+            "0 with fn.ramp_fraction=0 when fn.mode='none' (there is no cancellation to schedule)",
+        )
 
 
 def fn_schedule(config: ml_collections.ConfigDict, total_steps: int) -> FNSchedule | None:
@@ -142,7 +149,9 @@ def validate_pretrain(config: ml_collections.ConfigDict, *, num_devices: int, nu
     views = num_views(config)
     multiplier = check.integer(config, "memory.multiplier", 0)
     if 0 < multiplier < views:
-        raise check.invalid("memory.multiplier", multiplier, f"0 (no memory) or integers >= the number of views V = {views}")
+        raise check.invalid(
+            "memory.multiplier", multiplier, f"0 (no memory) or integers >= the number of views V = {views}"
+        )
     if multiplier and not fn.support_as_positives:
         raise check.invalid("fn.support_as_positives", False, "True when memory.multiplier > 0")
     check.number(config, "ema.decay", 0.0, 1.0)
@@ -164,14 +173,17 @@ def validate_loss(config: ml_collections.ConfigDict, fn: FNConfig) -> None:
         return
     if fn.mode not in objectives.DEBIASED_FN_MODES:
         raise check.invalid(
-            "fn.mode", fn.mode, f"{', '.join(objectives.DEBIASED_FN_MODES)} with loss.name={config.loss.name!r} "
+            "fn.mode",
+            fn.mode,
+            f"{', '.join(objectives.DEBIASED_FN_MODES)} with loss.name={config.loss.name!r} "
             "(the debiased estimator already corrects the negatives for false negatives; attraction would count "
-            "them twice)"
+            "them twice)",
         )
     if config.memory.multiplier:
         raise check.invalid(
-            "memory.multiplier", config.memory.multiplier, f"0 with loss.name={config.loss.name!r} (DCL and HCL "
-            "use the in-batch candidates)"
+            "memory.multiplier",
+            config.memory.multiplier,
+            f"0 with loss.name={config.loss.name!r} (DCL and HCL use the in-batch candidates)",
         )
 
 
@@ -228,7 +240,8 @@ def incompatible_changes(old: dict, new: dict, defaults: dict | None = None) -> 
         )
 
     return [
-        f for f in changed_fields(old, new)
+        f
+        for f in changed_fields(old, new)
         if not any(f.startswith(p) for p in RESUMABLE_CHANGES) and not added_at_default(f)
     ]
 

@@ -33,7 +33,16 @@ from jax.sharding import PartitionSpec as P
 from fnc_jax import configuration, optim, parallel
 from fnc_jax.data import augment_jax
 from fnc_jax.models import ContrastiveModel, factory
-from fnc_jax.objectives import FNConfig, FNSchedule, dcl_loss, fnc_loss, fnc_memory_loss, hcl_loss, l2_normalize, update_memory
+from fnc_jax.objectives import (
+    FNConfig,
+    FNSchedule,
+    dcl_loss,
+    fnc_loss,
+    fnc_memory_loss,
+    hcl_loss,
+    l2_normalize,
+    update_memory,
+)
 
 EMA_MODULES = ("encoder", "projection_head")
 FN_METRICS = ("mean_num_fn", "fn_precision", "fn_recall")
@@ -140,7 +149,9 @@ def augment(batch: dict[str, jax.Array], key: jax.Array, settings: StepSettings)
 def encode(model: ContrastiveModel, params: Any, batch_stats: Any, images: jax.Array) -> tuple[dict, Any]:
     """Training-mode forward pass of all views `(B, V, H, W, 3)`: (outputs over B*V rows, new BN statistics)."""
     flat = images.reshape(-1, *images.shape[2:])
-    out, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, flat, train=True, mutable=["batch_stats"])
+    out, new_vars = model.apply(
+        {"params": params, "batch_stats": batch_stats}, flat, train=True, mutable=["batch_stats"]
+    )
     return out, new_vars["batch_stats"]
 
 
@@ -180,8 +191,9 @@ def contrastive_loss(
 
     `step` (traced) is where the false-negative schedule, if any, is evaluated."""
     s = settings
-    common = dict(temperature=s.temperature, hidden_norm=s.hidden_norm, fn=s.fn, low_memory=s.low_memory,
-                  schedule=s.fn_schedule)
+    common = dict(
+        temperature=s.temperature, hidden_norm=s.hidden_norm, fn=s.fn, low_memory=s.low_memory, schedule=s.fn_schedule
+    )
     axis = parallel.DATA_AXIS
     names = FN_METRICS + (SCHEDULE_METRICS if s.fn_schedule is not None else ())
 

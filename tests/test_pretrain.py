@@ -14,6 +14,7 @@ import fnc_test_runs as runs  # noqa: E402
 from fnc_jax import checkpoints, config_base, configuration, errors, main, optim, pretrain  # noqa: E402
 from fnc_jax.objectives import FNConfig  # noqa: E402
 
+
 def test_pretrain_end_to_end_checkpoints_and_resume(tmp_path):
     config = runs.step_config(total_steps=4, checkpoint_every_steps=2, log_every_steps=1)
     workdir = tmp_path / "run"
@@ -115,14 +116,19 @@ def test_official_config_is_valid_and_official():
 
 def test_the_command_line_turns_user_errors_into_one_line_and_status_2(monkeypatch, capsys):
     def bad_value(argv):
-        raise errors.ConfigError("config.fn.mode='attract' is invalid: allowed values are attraction, elimination, none.")
+        raise errors.ConfigError(
+            "config.fn.mode='attract' is invalid: allowed values are attraction, elimination, none."
+        )
 
     monkeypatch.setattr(main, "run", bad_value)
     with pytest.raises(SystemExit) as exit_info:
         main.main(["fnc_jax.main"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err == "fnc_jax: error: config.fn.mode='attract' is invalid: allowed values are attraction, elimination, none.\n"
+    assert (
+        err
+        == "fnc_jax: error: config.fn.mode='attract' is invalid: allowed values are attraction, elimination, none.\n"
+    )
 
     def bug(argv):
         raise KeyError("a bug")
@@ -135,6 +141,7 @@ def test_the_command_line_turns_user_errors_into_one_line_and_status_2(monkeypat
 def test_an_unusable_workdir_is_a_user_error(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(errors.ConfigError, match=r"--workdir='.*a_file/run' is invalid .* allowed are writable directories"):
+    with pytest.raises(
+        errors.ConfigError, match=r"--workdir='.*a_file/run' is invalid .* allowed are writable directories"
+    ):
         checkpoints.record_config(blocker / "run", runs.step_config().to_dict(), start_over=False)
-

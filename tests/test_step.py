@@ -16,6 +16,7 @@ from fnc_jax import checkpoints, configuration, parallel, pretrain, step  # noqa
 from fnc_jax.data import augment_jax  # noqa: E402
 from fnc_jax.objectives import FNSchedule  # noqa: E402
 
+
 def _random_batch(config, seed=0):
     rng = np.random.default_rng(seed)
     v = configuration.num_views(config)
@@ -127,8 +128,15 @@ def test_each_objective_trains_on_8_devices_and_resumes_exactly(overrides, tmp_p
 def test_a_false_negative_schedule_runs_in_one_compiled_step():
     """8 steps on 8 devices with cancellation from step 2 and k ramped 1 -> 3 over steps 2..6: the logged k,
     nothing selected before the start, and the one executable serving every step (the step is traced)."""
-    config = runs.step_config(**{"total_steps": 8, "fn.start_fraction": 0.25, "fn.ramp_fraction": 0.5,
-                                 "fn.ramp_from_topk": 1, "fn.ramp_from_threshold": 0.0})
+    config = runs.step_config(
+        **{
+            "total_steps": 8,
+            "fn.start_fraction": 0.25,
+            "fn.ramp_fraction": 0.5,
+            "fn.ramp_from_topk": 1,
+            "fn.ramp_from_threshold": 0.0,
+        }
+    )
     fn = configuration.validate_pretrain(config, num_devices=8)
     mesh = parallel.create_mesh(jax.devices()[:8])
     program = step.build_step(config, fn, mesh, num_classes=3, num_train=16, schedule=optax.constant_schedule(0.05))

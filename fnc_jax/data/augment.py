@@ -19,8 +19,22 @@ _MAX_LEVEL = 10.0
 
 # RandAugment's op list, in the order of the TPU-models EfficientNet `autoaugment` module.
 RAND_AUGMENT_OPS = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "Color", "Contrast",
-    "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY", "Cutout", "SolarizeAdd",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Cutout",
+    "SolarizeAdd",
 )
 
 
@@ -116,9 +130,7 @@ def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 
 
 @_plain_tf
-def crop_and_flip(
-    image_shape: tf.Tensor, seed: tf.Tensor, *, area_range: Sequence[float] = (0.08, 1.0)
-) -> tf.Tensor:
+def crop_and_flip(image_shape: tf.Tensor, seed: tf.Tensor, *, area_range: Sequence[float] = (0.08, 1.0)) -> tf.Tensor:
     """int32 (top, left, height, width, flip) of a pretraining view: `pretrain_view`'s own draws.
 
     The crop box comes from the same sub-seed and sampler, and `flip` is 1 exactly when
@@ -152,9 +164,7 @@ def fit_canvas(image: tf.Tensor, canvas_size: int) -> tuple[tf.Tensor, tf.Tensor
 
 
 @_plain_tf
-def random_apply(
-    fn: Callable[[tf.Tensor], tf.Tensor], image: tf.Tensor, seed: tf.Tensor, p: float
-) -> tf.Tensor:
+def random_apply(fn: Callable[[tf.Tensor], tf.Tensor], image: tf.Tensor, seed: tf.Tensor, p: float) -> tf.Tensor:
     """`fn(image)` with probability `p`, else `image`; `seed` draws only the coin.
 
     `fn` runs without AutoGraph (like everything here), so it must use TF control flow explicitly.
@@ -300,9 +310,7 @@ def _cutout(image: tf.Tensor, seed: tf.Tensor, half_size: int) -> tf.Tensor:
 
 
 @_plain_tf
-def rand_augment_op(
-    image: tf.Tensor, index: int | tf.Tensor, seed: tf.Tensor, *, magnitude: int = 7
-) -> tf.Tensor:
+def rand_augment_op(image: tf.Tensor, index: int | tf.Tensor, seed: tf.Tensor, *, magnitude: int = 7) -> tf.Tensor:
     """Applies op `RAND_AUGMENT_OPS[index]` at `magnitude` (of 10) to a uint8 image; `seed` draws the
     sign of signed arguments (positive with p = 0.5) and the cutout centre.
 
@@ -359,9 +367,7 @@ def rand_augment(image: tf.Tensor, seed: tf.Tensor, *, num_layers: int = 2, magn
     image = tf.image.convert_image_dtype(image, tf.uint8, saturate=True)
     for layer_seed in _split(seed, num_layers):
         op_seed, arg_seed = _split(layer_seed, 2)
-        index = tf.random.stateless_uniform(
-            [], op_seed, minval=0, maxval=len(RAND_AUGMENT_OPS), dtype=tf.int32
-        )
+        index = tf.random.stateless_uniform([], op_seed, minval=0, maxval=len(RAND_AUGMENT_OPS), dtype=tf.int32)
         image = rand_augment_op(image, index, arg_seed, magnitude=magnitude)
     return tf.image.convert_image_dtype(image, tf.float32)
 

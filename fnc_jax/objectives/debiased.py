@@ -141,7 +141,9 @@ def _view_losses(
     def view_loss(a: Array, z_a: Array) -> Array:
         logits = (z_a @ candidates.T) / temperature  # (B, C)
         pos_logits = jnp.take_along_axis(logits, positive_columns, axis=1)
-        pairs = _pair_losses(pos_logits, _log_negative_mass(logits, negatives, count, beta), count, temperature, tau_plus)
+        pairs = _pair_losses(
+            pos_logits, _log_negative_mass(logits, negatives, count, beta), count, temperature, tau_plus
+        )
         is_positive = jnp.arange(num_views) != a  # drop the self pair
         return jnp.mean(jnp.sum(jnp.where(is_positive[None, :], pairs, 0.0), axis=1)) / (num_views - 1)
 

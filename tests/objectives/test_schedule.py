@@ -83,7 +83,9 @@ def test_one_compiled_function_serves_every_step():
     @jax.jit
     def loss_and_grad(h, step):
         traces.append(1)  # runs at trace time only
-        return jax.value_and_grad(lambda x: eager_fnc_loss(x, fn=FINAL, labels=labels, schedule=SCHEDULE, step=step)[0])(h)
+        return jax.value_and_grad(
+            lambda x: eager_fnc_loss(x, fn=FINAL, labels=labels, schedule=SCHEDULE, step=step)[0]
+        )(h)
 
     selected = []
     for step in range(0, 25, 3):
