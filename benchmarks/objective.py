@@ -57,6 +57,15 @@ MODE_CONFIGS = {
     "elimination": {"mode": "elimination"},
     "none": {"mode": "none"},
 }
+# DCL / HCL (in-batch only) at the recommended tau_plus = 0.1, beta = 1.0, without and with elimination of
+# the official selection: mode name -> (objective, FNConfig mode).
+DEBIASED_MODES = {
+    "dcl": ("dcl", "none"),
+    "dcl_elimination": ("dcl", "elimination"),
+    "hcl": ("hcl", "none"),
+    "hcl_elimination": ("hcl", "elimination"),
+}
+TAU_PLUS, BETA = 0.1, 1.0
 
 
 def log(*args: Any) -> None:
@@ -89,7 +98,7 @@ def matmul_passes(variant: str, mode: str, low_memory: bool) -> dict[str, int]:
     (memory rows carry no gradient); the rematerialised scan (low_memory=True) recomputes the logits once more.
     """
     passes = {
-        "fn_scores": 0 if mode == "none" else 1,
+        "fn_scores": 0 if DEBIASED_MODES.get(mode, (None, mode))[1] == "none" else 1,
         "logits_forward": 1,
         "logits_recomputed_in_backward": 1 if low_memory else 0,
         "grad_anchors": 1,
@@ -112,7 +121,15 @@ def analytic_flops(variant, mode, low_memory, views, local_batch, columns, dim) 
 def _fn_config(mode: str):
     from fnc_jax.objectives import FNConfig
 
-    return FNConfig(**MODE_CONFIGS[mode])
+    return FNConfig(**MODE_CONFIGS[DEBIASED_MODES.get(mode, (None, mode))[1]])
+
+
+def _describe(mode: str) -> Any:
+    if mode in DEBIASED_MODES:
+        objective, fn_mode = DEBIASED_MODES[mode]
+        beta = f", beta={BETA}" if objective == "hcl" else ""
+        return f"{objective}_loss(tau_plus={TAU_PLUS}{beta}, fn=FNConfig(**{MODE_CONFIGS[fn_mode]}))"
+    return MODE_CONFIGS[mode] or "FNConfig() (official default: attraction, max, all_views, top-10 and cos > 0.7)"
 
 
 def build(
@@ -132,11 +149,28 @@ def build(
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from fnc_jax.objectives import fnc_loss, fnc_memory_loss
+    from fnc_jax.objectives import dcl_loss, fnc_loss, fnc_memory_loss, hcl_loss
 
     fn = _fn_config(mode)
     axis_name = AXIS if devices > 1 else None
-    if variant == "in_batch":
+    objective = DEBIASED_MODES.get(mode, ("fnc",))[0]
+    if objective != "fnc" and variant != "in_batch":
+        raise ValueError(f"{mode}: DCL and HCL have no memory variant")
+    if objective == "dcl":
+
+        def loss(x):
+            return dcl_loss(x, tau_plus=TAU_PLUS, fn=fn, axis_name=axis_name, low_memory=low_memory)[0]
+
+        shapes = [(views, global_batch, dim)]
+        specs = [P(None, AXIS)]
+    elif objective == "hcl":
+
+        def loss(x):
+            return hcl_loss(x, tau_plus=TAU_PLUS, beta=BETA, fn=fn, axis_name=axis_name, low_memory=low_memory)[0]
+
+        shapes = [(views, global_batch, dim)]
+        specs = [P(None, AXIS)]
+    elif variant == "in_batch":
 
         def loss(x):
             return fnc_loss(x, fn=fn, axis_name=axis_name, low_memory=low_memory)[0]
@@ -221,8 +255,7 @@ def prepare_point(variant, mode, low_memory, devices, views, global_batch, dim, 
     entry: dict[str, Any] = {
         "variant": variant,
         "mode": mode,
-        "fn_config": MODE_CONFIGS[mode]
-        or "FNConfig() (official default: attraction, max, all_views, top-10 and cos > 0.7)",
+        "fn_config": _describe(mode),
         "low_memory": low_memory,
         "devices": devices,
         "global_batch_N": global_batch,
@@ -459,6 +492,8 @@ def plans(quick: bool, devices: int) -> dict[str, Any]:
         timing = [("in_batch", mode, True, 1, 64) for mode in MODE_CONFIGS] + [("in_batch", "attraction", False, 1, 64)]
         timing += [("memory", mode, True, 1, 64) for mode in ("attraction", "none")]
         timing += [("in_batch", mode, True, devices, 64) for mode in ("attraction", "none")]
+        timing += [("in_batch", mode, True, 1, 64) for mode in DEBIASED_MODES]
+        timing += [("in_batch", "hcl_elimination", True, devices, 64)]
         memory = {
             8 if devices >= 8 else devices: [
                 {"variant": "in_batch", "mode": "attraction", "low_memory": lo} for lo in (True, False)
@@ -468,17 +503,18 @@ def plans(quick: bool, devices: int) -> dict[str, Any]:
     timing = []
     for n in (256, 1024):
         for variant in ("in_batch", "memory"):
-            for mode in MODE_CONFIGS:
+            for mode in MODE_CONFIGS if variant == "memory" else {**MODE_CONFIGS, **DEBIASED_MODES}:
                 for low in (True, False):
                     timing.append((variant, mode, low, 1, n))
     for variant in ("in_batch", "memory"):
-        for mode in MODE_CONFIGS:
+        for mode in MODE_CONFIGS if variant == "memory" else {**MODE_CONFIGS, **DEBIASED_MODES}:
             for low in (True, False):
                 timing.append((variant, mode, low, devices, 1024))
     points = [
         {"variant": v, "mode": "attraction", "low_memory": lo} for v in ("in_batch", "memory") for lo in (True, False)
     ]
     points += [{"variant": v, "mode": "none", "low_memory": True} for v in ("in_batch", "memory")]
+    points += [{"variant": "in_batch", "mode": mode, "low_memory": True} for mode in DEBIASED_MODES]
     memory = {r: points for r in (1, 8, 32, 128)}
     return {"views": views, "dim": dim, "memory_multiplier": m, "timing": timing, "repeats": 5, "memory": memory}
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-MODES = {"attraction", "elimination", "none"}
+MODES = {"attraction", "elimination", "none", "dcl", "dcl_elimination", "hcl", "hcl_elimination"}
 
 
 @pytest.fixture(scope="module")
