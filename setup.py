@@ -36,5 +36,5 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["fnc_jax", "fnc_jax.*"]),
     python_requires=">=3.11",
     install_requires=CORE,
-    extras_require={"train": TRAIN, "test": [*TRAIN, "pytest>=8", "scikit-image>=0.24"]},
+    extras_require={"train": TRAIN, "test": [*TRAIN, "pytest>=8", "scikit-image>=0.24", "ruff==0.17.6"]},
 )

@@ -133,8 +133,11 @@ def matmul_rate(size: int = 2048, repeats: int = 5) -> dict[str, Any]:
         start = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - start)
-    return {"matmul_gflops_per_s": round(2 * size**3 / best / 1e9, 1), "matmul_size": size,
-            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    return {
+        "matmul_gflops_per_s": round(2 * size**3 / best / 1e9, 1),
+        "matmul_size": size,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
 
 
 def _cpu_model_name() -> str | None:

@@ -68,8 +68,10 @@ def main(argv=None) -> dict[str, Any]:
     mesh = parallel.create_mesh(jax.devices()[: args.devices])
     views = configuration.num_views(config)
     local_batch = args.global_batch // args.devices
-    common.log(f"building the step: ResNet-{config.model.depth} {config.data.image_size}px, global batch "
-               f"{args.global_batch} on {args.devices} devices, V={views}, memory x{config.memory.multiplier}")
+    common.log(
+        f"building the step: ResNet-{config.model.depth} {config.data.image_size}px, global batch "
+        f"{args.global_batch} on {args.devices} devices, V={views}, memory x{config.memory.multiplier}"
+    )
     t = time.perf_counter()
     bundle = common.build_step(config, mesh, num_classes=1000, num_train=common.IMAGENET_TRAIN_EXAMPLES)
     state = common.abstract_state(bundle)

@@ -52,8 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default="configs/imagenet.py")
     p.add_argument("--quick", action="store_true", help="fewer steps (the CPU path is tiny anyway)")
     p.add_argument("--force-tiny", action="store_true", help="the tiny model even on an accelerator")
-    p.add_argument("--assume-bytes-limit", type=int, help="pretend the device has this much memory (tests the "
-                   "batch search on a CPU, which reports no limit)")
+    p.add_argument(
+        "--assume-bytes-limit",
+        type=int,
+        help="pretend the device has this much memory (tests the batch search on a CPU, which reports no limit)",
+    )
     p.add_argument("--output", help="also write the JSON here")
     common.add_cache_flags(p)
     return p.parse_args(argv)
@@ -76,8 +79,12 @@ def time_crop_resize(batch: int, views: int, size: int, canvas: int, repeats: in
     jax.block_until_ready(out)
     seconds = (time.perf_counter() - t) / repeats
     cost = compiled.cost_analysis() or {}
-    return {"canvas": canvas, "s_per_step": seconds, "ms_per_view": seconds * 1e3 / (batch * views),
-            "bytes_accessed_per_view": float(cost.get("bytes accessed", 0.0)) / (batch * views)}
+    return {
+        "canvas": canvas,
+        "s_per_step": seconds,
+        "ms_per_view": seconds * 1e3 / (batch * views),
+        "bytes_accessed_per_view": float(cost.get("bytes accessed", 0.0)) / (batch * views),
+    }
 
 
 def is_oom(err: BaseException) -> bool:
@@ -94,8 +101,8 @@ def main(argv=None) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from fnc_jax import loop, parallel
     from benchmarks.compile_time import load_config
+    from fnc_jax import loop, parallel
 
     cache_dir = common.enable_compile_cache(args)
     device = jax.devices()[0]
@@ -107,8 +114,9 @@ def main(argv=None) -> dict[str, Any]:
         config.model.depth, config.model.width_multiplier = 18, 0.125
         config.data.image_size, config.views.support_size, config.memory.multiplier = 32, 2, 8
         config.augment.use_randaugment = False
-    candidates = tuple(int(b) for b in args.batches.split(",")) if args.batches else (
-        CPU_BATCHES if tiny else GPU_BATCHES)
+    candidates = (
+        tuple(int(b) for b in args.batches.split(",")) if args.batches else (CPU_BATCHES if tiny else GPU_BATCHES)
+    )
     candidates = tuple(sorted(set(candidates), reverse=True))
     steps = args.steps or (3 if tiny else (10 if args.quick else 20))
     mesh = parallel.create_mesh([device])
@@ -117,8 +125,10 @@ def main(argv=None) -> dict[str, Any]:
     limit = args.assume_bytes_limit or (stats or {}).get("bytes_limit")
     kind = device.device_kind
     peak = next((v for k, v in loop.PEAK_FLOPS.items() if k in kind), None)
-    common.log(f"{kind} ({platform}), memory limit {limit}, peak {peak}; ResNet-{config.model.depth} "
-               f"{config.data.image_size}px V={views} {config.dtype}; candidates {candidates}")
+    common.log(
+        f"{kind} ({platform}), memory limit {limit}, peak {peak}; ResNet-{config.model.depth} "
+        f"{config.data.image_size}px V={views} {config.dtype}; candidates {candidates}"
+    )
 
     def build(batch: int):
         c = config.copy_and_resolve_references()
@@ -158,15 +168,24 @@ def main(argv=None) -> dict[str, Any]:
             start = fits[0] if fits else smallest
             order = [b for b in candidates if b <= start]
             common.log(f"memory at {smallest}: {mem}; predicted largest fitting candidate {start}")
-            attempts.append({"batch": smallest, "probe": True, "memory": mem, "bytes_limit": limit,
-                             "predicted_largest_fitting": start})
+            attempts.append(
+                {
+                    "batch": smallest,
+                    "probe": True,
+                    "memory": mem,
+                    "bytes_limit": limit,
+                    "predicted_largest_fitting": start,
+                }
+            )
 
     chosen = None
     longest_compile = max((c[3] for c in compiled_cache.values()), default=0.0)
     for batch in order:
         remaining = args.time_budget - (time.time() - t_start)
-        if batch not in compiled_cache and remaining < 1.2 * longest_compile + 30 and any(
-            b in compiled_cache for b in order
+        if (
+            batch not in compiled_cache
+            and remaining < 1.2 * longest_compile + 30
+            and any(b in compiled_cache for b in order)
         ):
             common.log(f"batch {batch}: no time left in the budget for another compile; trying a compiled one")
             attempts.append({"batch": batch, "result": "skipped_time_budget"})
@@ -233,7 +252,7 @@ def main(argv=None) -> dict[str, Any]:
             entry["error"] = str(err).splitlines()[0][:300]
             common.log(f"batch {batch}: out of memory")
             compiled_cache.pop(batch, None)
-            state = data = metrics = None  # free this attempt's buffers before the next one
+            state = data = metrics = None  # noqa: F841 (drops this attempt's buffers before the next one)
             del err
             gc.collect()
 
@@ -244,12 +263,22 @@ def main(argv=None) -> dict[str, Any]:
         "machine": common.machine(),
         "command": "python -m benchmarks.gpu_step " + " ".join(sys.argv[1:] if argv is None else argv),
         "compile_cache_dir": cache_dir,
-        "units": {"throughput": "images/s and views/s on one device", "flops": "FLOPs per step (cost_analysis)",
-                  "mfu": "achieved FLOP/s / peak dense bf16 FLOP/s of the chip (loop.PEAK_FLOPS)"},
+        "units": {
+            "throughput": "images/s and views/s on one device",
+            "flops": "FLOPs per step (cost_analysis)",
+            "mfu": "achieved FLOP/s / peak dense bf16 FLOP/s of the chip (loop.PEAK_FLOPS)",
+        },
         "device": {"kind": kind, "platform": platform, "bytes_limit": limit},
-        "shapes": {"depth": config.model.depth, "width_multiplier": config.model.width_multiplier,
-                   "image_size": config.data.image_size, "views": views, "memory_multiplier": config.memory.multiplier,
-                   "dtype": config.dtype, "fn_mode": config.fn.mode, "candidates": list(candidates)},
+        "shapes": {
+            "depth": config.model.depth,
+            "width_multiplier": config.model.width_multiplier,
+            "image_size": config.data.image_size,
+            "views": views,
+            "memory_multiplier": config.memory.multiplier,
+            "dtype": config.dtype,
+            "fn_mode": config.fn.mode,
+            "candidates": list(candidates),
+        },
         "attempts": attempts,
         "result": chosen,
         "wall_s": round(time.time() - t_start, 1),

@@ -56,15 +56,37 @@ from typing import Any
 
 from benchmarks import common
 
-COLOUR_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-                 "colorwheel")
-VARIANTS_224 = ("pretrain_host_randaugment", "pretrain_host", "pretrain_on_device_colour", "pretrain_on_device_crop",
-                "eval")
+COLOUR_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "colorwheel",
+)
+VARIANTS_224 = (
+    "pretrain_host_randaugment",
+    "pretrain_host",
+    "pretrain_on_device_colour",
+    "pretrain_on_device_crop",
+    "eval",
+)
 VARIANTS_32 = VARIANTS_224
 CANVAS = {224: 512, 32: 32}  # crop_on_device canvas side: the 224 px set's photos are at most 500 px
-STAGES = ("decode", "decode_crop", "decode_crop_resize", "decode_crop_resize_flip_clip", "host_part_on_device_mode",
-          "host_colour_no_randaugment", "host_colour_randaugment", "alternative_decode_crop_resize_bilinear",
-          "host_part_on_device_mode_batched", "host_colour_no_randaugment_batched")
+STAGES = (
+    "decode",
+    "decode_crop",
+    "decode_crop_resize",
+    "decode_crop_resize_flip_clip",
+    "host_part_on_device_mode",
+    "host_colour_no_randaugment",
+    "host_colour_randaugment",
+    "alternative_decode_crop_resize_bilinear",
+    "host_part_on_device_mode_batched",
+    "host_colour_no_randaugment_batched",
+)
 # Stages that output the whole views (batched into numpy, as the pipeline does) instead of per-view means.
 FULL_OUTPUT = {"host_part_on_device_mode_batched": "uint8", "host_colour_no_randaugment_batched": "float32"}
 
@@ -132,8 +154,12 @@ def make_dataset(root: str, *, quick: bool, min_eval_images: int) -> dict[str, A
                     sizes.append(big.size)
                     jpeg_bytes.append(os.path.getsize(path))
     # The evaluation split repeats the training files so that one pass covers every timed batch.
-    train_files = sorted(os.path.join(dp, f) for px in ("224", "32")
-                         for dp, _, fs in os.walk(os.path.join(root, px, "train")) for f in fs)
+    train_files = sorted(
+        os.path.join(dp, f)
+        for px in ("224", "32")
+        for dp, _, fs in os.walk(os.path.join(root, px, "train"))
+        for f in fs
+    )
     per_size = len(train_files) // 2
     copies = -(-min_eval_images // per_size)
     for path in train_files:
@@ -246,8 +272,11 @@ def _run_device(spec: dict[str, Any], tf) -> dict[str, Any]:
         cost = cut.lower(images, crops).compile().cost_analysis()
     else:
         images = jax.device_put(np.random.default_rng(0).random((n, size, size, 3), dtype=np.float32))
-        fn = jax.jit(lambda x, k: augment_jax.pretrain_device_augment(
-            x, k, color_on_device=spec["color_on_device"], blur=spec["blur"]))
+        fn = jax.jit(
+            lambda x, k: augment_jax.pretrain_device_augment(
+                x, k, color_on_device=spec["color_on_device"], blur=spec["blur"]
+            )
+        )
         cost = fn.lower(images, key).compile().cost_analysis()
     fn(images, key).block_until_ready()
 
@@ -270,11 +299,14 @@ def _run_pipeline(spec: dict[str, Any], tf=None) -> dict[str, Any]:
 
     config = _config(spec)
     if spec["variant"] == "eval":  # one pass; the validation split holds enough images for the timed batches
+
         def make():
             return pipeline.eval_iterator(config, split="validation", process_index=0, process_count=1)
     else:
+
         def make():
             return pipeline.pretrain_iterator(config, process_index=0, process_count=1)
+
     out = _time_iterator(make, spec["warmup"], spec["batches"])
     out["images_per_cpu_s"] = spec["images_per_batch"] / out["cpu_s_per_batch"]
     out["images_per_wall_s"] = spec["images_per_batch"] / out["wall_s_per_batch"]
@@ -311,7 +343,9 @@ def _run_stage(spec: dict[str, Any], tf) -> dict[str, Any]:
                     view = tf.clip_by_value(augment.random_flip(view, flip_seed), 0.0, 1.0)
             else:
                 view = augment.pretrain_view(
-                    image, view_seed, image_size=size,
+                    image,
+                    view_seed,
+                    image_size=size,
                     use_randaugment=stage == "host_colour_randaugment",
                     color_on_device=stage.startswith("host_part_on_device_mode"),
                 )
@@ -323,8 +357,11 @@ def _run_stage(spec: dict[str, Any], tf) -> dict[str, Any]:
         out_spec = tf.TensorSpec((3,), tf.float32)
         if stage in FULL_OUTPUT:
             out_spec = tf.TensorSpec((size, size, 3), tf.dtypes.as_dtype(FULL_OUTPUT[stage]))
-        seeds = tf.map_fn(lambda v: tf.random.experimental.stateless_fold_in(seed, v),
-                          tf.range(views, dtype=tf.int64), fn_output_signature=tf.TensorSpec((2,), tf.int64))
+        seeds = tf.map_fn(
+            lambda v: tf.random.experimental.stateless_fold_in(seed, v),
+            tf.range(views, dtype=tf.int64),
+            fn_output_signature=tf.TensorSpec((2,), tf.int64),
+        )
         return tf.map_fn(one, seeds, fn_output_signature=out_spec)
 
     @tf.autograph.experimental.do_not_convert
@@ -337,9 +374,12 @@ def _run_stage(spec: dict[str, Any], tf) -> dict[str, Any]:
         return views_of(image, seed)  # (V, 3) per-view means (every view is computed), or the views
 
     dataset = (
-        tf.data.Dataset.from_tensor_slices(encoded).repeat().enumerate()
+        tf.data.Dataset.from_tensor_slices(encoded)
+        .repeat()
+        .enumerate()
         .map(work, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .batch(spec["images_per_batch"]).prefetch(tf.data.AUTOTUNE)
+        .batch(spec["images_per_batch"])
+        .prefetch(tf.data.AUTOTUNE)
     )
     options = tf.data.Options()
     options.threading.private_threadpool_size = spec["cores"]
@@ -357,7 +397,11 @@ def run_worker(spec: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.input_pipeline", "--worker", json.dumps(spec)],
-        cwd=common.REPO_ROOT, env=env, capture_output=True, text=True, timeout=900,
+        cwd=common.REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"worker {spec} failed:\n{proc.stderr[-3000:]}")
@@ -376,29 +420,65 @@ def main(argv=None) -> dict[str, Any]:
         if not os.path.isdir(os.path.join(root, "224")):
             common.log(f"writing the JPEG/PNG dataset to {root}")
             warm = 1 if args.quick else 2
-            need = max((warm + args.batches) * args.images_per_batch, (warm + 2 * args.batches) * 4 * args.images_per_batch)
+            need = max(
+                (warm + args.batches) * args.images_per_batch, (warm + 2 * args.batches) * 4 * args.images_per_batch
+            )
             data = make_dataset(root, quick=args.quick, min_eval_images=need)
         else:
             data = {"root": root, "reused": True}
-        base = {"cores": args.cores, "images_per_batch": args.images_per_batch, "batches": args.batches,
-                "warmup": 1 if args.quick else 2}
+        base = {
+            "cores": args.cores,
+            "images_per_batch": args.images_per_batch,
+            "batches": args.batches,
+            "warmup": 1 if args.quick else 2,
+        }
         specs: dict[str, dict[str, Any]] = {}
         for v in VARIANTS_224:
-            specs[f"224px/{v}"] = {**base, "kind": "pipeline", "variant": v, "image_size": 224,
-                                   "views": args.views_224, "data_dir": os.path.join(root, "224")}
+            specs[f"224px/{v}"] = {
+                **base,
+                "kind": "pipeline",
+                "variant": v,
+                "image_size": 224,
+                "views": args.views_224,
+                "data_dir": os.path.join(root, "224"),
+            }
         for v in VARIANTS_32:
-            specs[f"32px/{v}"] = {**base, "kind": "pipeline", "variant": v, "image_size": 32,
-                                  "views": args.views_32, "data_dir": os.path.join(root, "32"),
-                                  "images_per_batch": args.images_per_batch * 4, "batches": args.batches * 2}
+            specs[f"32px/{v}"] = {
+                **base,
+                "kind": "pipeline",
+                "variant": v,
+                "image_size": 32,
+                "views": args.views_32,
+                "data_dir": os.path.join(root, "32"),
+                "images_per_batch": args.images_per_batch * 4,
+                "batches": args.batches * 2,
+            }
         for name, colour, blur in (("colour_jitter_grayscale", True, False), ("blur", False, True)):
-            specs[f"device/{name}"] = {**base, "kind": "device", "image_size": 224, "color_on_device": colour,
-                                       "blur": blur, "images_per_batch": 16}
-        specs["device/crop_resize"] = {**base, "kind": "device", "image_size": 224, "canvas": CANVAS[224],
-                                       "images_per_batch": 16}
+            specs[f"device/{name}"] = {
+                **base,
+                "kind": "device",
+                "image_size": 224,
+                "color_on_device": colour,
+                "blur": blur,
+                "images_per_batch": 16,
+            }
+        specs["device/crop_resize"] = {
+            **base,
+            "kind": "device",
+            "image_size": 224,
+            "canvas": CANVAS[224],
+            "images_per_batch": 16,
+        }
         if not args.no_stages:
             for s in STAGES:
-                specs[f"stages/{s}"] = {**base, "kind": "stage", "stage": s, "image_size": 224,
-                                        "views": args.views_224, "data_dir": os.path.join(root, "224")}
+                specs[f"stages/{s}"] = {
+                    **base,
+                    "kind": "stage",
+                    "stage": s,
+                    "image_size": 224,
+                    "views": args.views_224,
+                    "data_dir": os.path.join(root, "224"),
+                }
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in specs}
         for r in range(args.repeats):
             common.log(f"round {r + 1}/{args.repeats}: {len(specs)} measurements in one pinned worker")
@@ -446,7 +526,8 @@ def main(argv=None) -> dict[str, Any]:
             device[k.split("/", 1)[1]] = d
     ratios = {}
     for px in ("224px", "32px"):
-        def vps(v):
+
+        def vps(v, px=px):
             return pipelines[f"{px}/{v}"]["views_per_s_per_core"]
 
         on = vps("pretrain_on_device_colour")
@@ -467,9 +548,12 @@ def main(argv=None) -> dict[str, Any]:
             "time": "seconds; stages in ms of CPU time per image (V views)",
         },
         "dataset": data,
-        "settings": {"cores_per_worker": args.cores, "repeats": args.repeats,
-                     "views": {"224px": args.views_224, "32px": args.views_32},
-                     "tf_threading": "intra/inter-op = cores; process pinned with sched_setaffinity"},
+        "settings": {
+            "cores_per_worker": args.cores,
+            "repeats": args.repeats,
+            "views": {"224px": args.views_224, "32px": args.views_32},
+            "tf_threading": "intra/inter-op = cores; process pinned with sched_setaffinity",
+        },
         "pipelines": pipelines,
         "ratios": ratios,
         "device_side_on_this_cpu": {
@@ -490,16 +574,19 @@ def main(argv=None) -> dict[str, Any]:
             "crop_sample_slice_per_view": (ms["decode_crop"] - ms["decode"]) / v,
             "bicubic_resize_per_view": (ms["decode_crop_resize"] - ms["decode_crop"]) / v,
             "flip_clip_per_view": (ms["decode_crop_resize_flip_clip"] - ms["decode_crop_resize"]) / v,
-            "colour_jitter_grayscale_per_view": (
-                ms["host_colour_no_randaugment"] - ms["decode_crop_resize_flip_clip"]) / v,
+            "colour_jitter_grayscale_per_view": (ms["host_colour_no_randaugment"] - ms["decode_crop_resize_flip_clip"])
+            / v,
             "randaugment_per_view": (ms["host_colour_randaugment"] - ms["host_colour_no_randaugment"]) / v,
         }
         marginal["alternative_bilinear_resize_per_view"] = (
-            ms["alternative_decode_crop_resize_bilinear"] - ms["decode_crop"]) / v
+            ms["alternative_decode_crop_resize_bilinear"] - ms["decode_crop"]
+        ) / v
         marginal["uint8_views_out_batched_per_view_on_device_mode"] = (
-            ms["host_part_on_device_mode_batched"] - ms["host_part_on_device_mode"]) / v
+            ms["host_part_on_device_mode_batched"] - ms["host_part_on_device_mode"]
+        ) / v
         marginal["float32_views_out_batched_per_view_host_colour"] = (
-            ms["host_colour_no_randaugment_batched"] - ms["host_colour_no_randaugment"]) / v
+            ms["host_colour_no_randaugment_batched"] - ms["host_colour_no_randaugment"]
+        ) / v
         per_view_on_device = ms["host_part_on_device_mode"] / v
         per_view_host = ms["host_colour_no_randaugment"] / v
         result["stages_224px"] = {

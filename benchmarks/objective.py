@@ -48,7 +48,7 @@ from typing import Any
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AXIS = "data"
 
-# Official scale (method.md §12, the official ImageNet configuration).
+# Official scale (the official ImageNet configuration, docs/training_recipe.md; its cost: docs/method.md §12).
 OFFICIAL = {"global_batch": 4096, "views": 10, "dim": 128, "memory_multiplier": 16}
 F32 = 4
 
@@ -57,6 +57,15 @@ MODE_CONFIGS = {
     "elimination": {"mode": "elimination"},
     "none": {"mode": "none"},
 }
+# DCL / HCL (in-batch only) at the recommended tau_plus = 0.1, beta = 1.0, without and with elimination of
+# the official selection: mode name -> (objective, FNConfig mode).
+DEBIASED_MODES = {
+    "dcl": ("dcl", "none"),
+    "dcl_elimination": ("dcl", "elimination"),
+    "hcl": ("hcl", "none"),
+    "hcl_elimination": ("hcl", "elimination"),
+}
+TAU_PLUS, BETA = 0.1, 1.0
 
 
 def log(*args: Any) -> None:
@@ -89,7 +98,7 @@ def matmul_passes(variant: str, mode: str, low_memory: bool) -> dict[str, int]:
     (memory rows carry no gradient); the rematerialised scan (low_memory=True) recomputes the logits once more.
     """
     passes = {
-        "fn_scores": 0 if mode == "none" else 1,
+        "fn_scores": 0 if DEBIASED_MODES.get(mode, (None, mode))[1] == "none" else 1,
         "logits_forward": 1,
         "logits_recomputed_in_backward": 1 if low_memory else 0,
         "grad_anchors": 1,
@@ -112,29 +121,67 @@ def analytic_flops(variant, mode, low_memory, views, local_batch, columns, dim) 
 def _fn_config(mode: str):
     from fnc_jax.objectives import FNConfig
 
-    return FNConfig(**MODE_CONFIGS[mode])
+    return FNConfig(**MODE_CONFIGS[DEBIASED_MODES.get(mode, (None, mode))[1]])
 
 
-def build(variant: str, mode: str, low_memory: bool, devices: int, views: int, global_batch: int, dim: int,
-          memory_multiplier: int):
+def _describe(mode: str) -> Any:
+    if mode in DEBIASED_MODES:
+        objective, fn_mode = DEBIASED_MODES[mode]
+        beta = f", beta={BETA}" if objective == "hcl" else ""
+        return f"{objective}_loss(tau_plus={TAU_PLUS}{beta}, fn=FNConfig(**{MODE_CONFIGS[fn_mode]}))"
+    return MODE_CONFIGS[mode] or "FNConfig() (official default: attraction, max, all_views, top-10 and cos > 0.7)"
+
+
+def build(
+    variant: str,
+    mode: str,
+    low_memory: bool,
+    devices: int,
+    views: int,
+    global_batch: int,
+    dim: int,
+    memory_multiplier: int,
+):
     """Returns (jitted value_and_grad, argument ShapeDtypeStructs with shardings, mesh or None)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    from fnc_jax.objectives import fnc_loss, fnc_memory_loss
+    from fnc_jax.objectives import dcl_loss, fnc_loss, fnc_memory_loss, hcl_loss
 
     fn = _fn_config(mode)
     axis_name = AXIS if devices > 1 else None
-    if variant == "in_batch":
+    objective = DEBIASED_MODES.get(mode, ("fnc",))[0]
+    if objective != "fnc" and variant != "in_batch":
+        raise ValueError(f"{mode}: DCL and HCL have no memory variant")
+    if objective == "dcl":
+
+        def loss(x):
+            return dcl_loss(x, tau_plus=TAU_PLUS, fn=fn, axis_name=axis_name, low_memory=low_memory)[0]
+
+        shapes = [(views, global_batch, dim)]
+        specs = [P(None, AXIS)]
+    elif objective == "hcl":
+
+        def loss(x):
+            return hcl_loss(x, tau_plus=TAU_PLUS, beta=BETA, fn=fn, axis_name=axis_name, low_memory=low_memory)[0]
+
+        shapes = [(views, global_batch, dim)]
+        specs = [P(None, AXIS)]
+    elif variant == "in_batch":
+
         def loss(x):
             return fnc_loss(x, fn=fn, axis_name=axis_name, low_memory=low_memory)[0]
+
         shapes = [(views, global_batch, dim)]
         specs = [P(None, AXIS)]
     else:
+
         def loss(x, ema, memory):
             return fnc_memory_loss(x, ema, memory, fn=fn, axis_name=axis_name, low_memory=low_memory)[0]
+
         shapes = [(views, global_batch, dim), (views, global_batch, dim), (memory_multiplier * global_batch, dim)]
         specs = [P(None, AXIS), P(None, AXIS), P()]  # the memory queue is replicated on every device
 
@@ -208,8 +255,7 @@ def prepare_point(variant, mode, low_memory, devices, views, global_batch, dim, 
     entry: dict[str, Any] = {
         "variant": variant,
         "mode": mode,
-        "fn_config": MODE_CONFIGS[mode] or "FNConfig() (official default: attraction, max, all_views, "
-                                            "top-10 and cos > 0.7)",
+        "fn_config": _describe(mode),
         "low_memory": low_memory,
         "devices": devices,
         "global_batch_N": global_batch,
@@ -232,8 +278,10 @@ def prepare_point(variant, mode, low_memory, devices, views, global_batch, dim, 
         entry["skipped"] = f"compiled size {need / 2**30:.2f} GiB over all devices exceeds --max-run-bytes"
         log(f"  skip {variant}/{mode}/low_memory={low_memory}/R={devices}/N={global_batch}: {entry['skipped']}")
         return entry, None
-    args = [jax.device_put(a, s.sharding) if getattr(s, "sharding", None) is not None else jax.device_put(a)
-            for a, s in zip(make_inputs(variant, views, global_batch, dim, memory_multiplier), specs)]
+    args = [
+        jax.device_put(a, s.sharding) if getattr(s, "sharding", None) is not None else jax.device_put(a)
+        for a, s in zip(make_inputs(variant, views, global_batch, dim, memory_multiplier), specs)
+    ]
 
     def run() -> float:
         t0 = time.perf_counter()
@@ -248,8 +296,10 @@ def time_group(configs, views, dim, memory_multiplier, repeats, max_run_bytes) -
     """Times configurations side by side: all are compiled and warmed up first, then the repeats are
     interleaved (one call of each configuration per round), so that load from other processes on the
     shared CPU falls on all of them alike and the ratios stay meaningful."""
-    prepared = [prepare_point(variant, mode, low, r, views, n, dim, memory_multiplier, max_run_bytes)
-                for variant, mode, low, r, n in configs]
+    prepared = [
+        prepare_point(variant, mode, low, r, views, n, dim, memory_multiplier, max_run_bytes)
+        for variant, mode, low, r, n in configs
+    ]
     times: list[list[float]] = [[] for _ in prepared]
     for _ in range(repeats):
         for i, (_, run) in enumerate(prepared):
@@ -262,31 +312,54 @@ def time_group(configs, views, dim, memory_multiplier, repeats, max_run_bytes) -
             entry["median_s"] = statistics.median(ts)
             entry["min_s"] = min(ts)
             entry["analytic_matmul_gflops_per_s_all_devices"] = (
-                entry["matmul_flops"] * entry["devices"] / entry["median_s"] / 1e9)
-            log(f"  {entry['variant']:8s} {entry['mode']:11s} low_memory={entry['low_memory']!s:5s} "
+                entry["matmul_flops"] * entry["devices"] / entry["median_s"] / 1e9
+            )
+            log(
+                f"  {entry['variant']:8s} {entry['mode']:11s} low_memory={entry['low_memory']!s:5s} "
                 f"R={entry['devices']:3d} N={entry['global_batch_N']:5d}: median {entry['median_s'] * 1e3:9.2f} ms "
-                f"(compile {entry['compile_s']:.1f} s)")
+                f"(compile {entry['compile_s']:.1f} s)"
+            )
         entries.append(entry)
     return entries
 
 
 def timing_ratios(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """FNC / baseline (same variant, shape, devices, low_memory) and low_memory True / False (same mode)."""
-    done = {(e["variant"], e["mode"], e["low_memory"], e["devices"], e["global_batch_N"]): e["median_s"]
-            for e in entries if "median_s" in e}
+    done = {
+        (e["variant"], e["mode"], e["low_memory"], e["devices"], e["global_batch_N"]): e["median_s"]
+        for e in entries
+        if "median_s" in e
+    }
     ratios = []
     for (variant, mode, low, devices, n), t in sorted(done.items(), key=str):
         base = done.get((variant, "none", low, devices, n))
         common = {"variant": variant, "devices": devices, "global_batch_N": n}
         if mode != "none" and base:
-            ratios.append({**common, "kind": "fnc_over_baseline", "mode": mode, "low_memory": low,
-                           "ratio": t / base, "numerator_s": t, "denominator_s": base,
-                           "meaning": f"time({mode}) / time(mode='none'), loss + gradient"})
+            ratios.append(
+                {
+                    **common,
+                    "kind": "fnc_over_baseline",
+                    "mode": mode,
+                    "low_memory": low,
+                    "ratio": t / base,
+                    "numerator_s": t,
+                    "denominator_s": base,
+                    "meaning": f"time({mode}) / time(mode='none'), loss + gradient",
+                }
+            )
         other = done.get((variant, mode, False, devices, n))
         if low and other:
-            ratios.append({**common, "kind": "low_memory_true_over_false", "mode": mode,
-                           "ratio": t / other, "numerator_s": t, "denominator_s": other,
-                           "meaning": "time(low_memory=True) / time(low_memory=False), loss + gradient"})
+            ratios.append(
+                {
+                    **common,
+                    "kind": "low_memory_true_over_false",
+                    "mode": mode,
+                    "ratio": t / other,
+                    "numerator_s": t,
+                    "denominator_s": other,
+                    "meaning": "time(low_memory=True) / time(low_memory=False), loss + gradient",
+                }
+            )
     return ratios
 
 
@@ -330,15 +403,28 @@ def memory_point(variant, mode, low_memory, devices, views, global_batch, dim, m
     if "temp_bytes" in stats:
         entry["temp_over_view_block"] = stats["temp_bytes"] / block
         entry["temp_over_all_views_stack"] = stats["temp_bytes"] / (views * block)
-    log(f"  memory {variant:8s} {mode:11s} low_memory={low_memory!s:5s} R={devices:3d}: "
+    log(
+        f"  memory {variant:8s} {mode:11s} low_memory={low_memory!s:5s} R={devices:3d}: "
         f"temp {stats.get('temp_bytes', float('nan')) / 2**20:10.1f} MiB "
-        f"(= {entry.get('temp_over_view_block', float('nan')):6.2f} view blocks), compile {compile_s:.1f} s")
+        f"(= {entry.get('temp_over_view_block', float('nan')):6.2f} view blocks), compile {compile_s:.1f} s"
+    )
     return entry
 
 
 def memory_points(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    return [memory_point(p["variant"], p["mode"], p["low_memory"], spec["devices"], spec["views"],
-                         spec["global_batch"], spec["dim"], spec["memory_multiplier"]) for p in spec["points"]]
+    return [
+        memory_point(
+            p["variant"],
+            p["mode"],
+            p["low_memory"],
+            spec["devices"],
+            spec["views"],
+            spec["global_batch"],
+            spec["dim"],
+            spec["memory_multiplier"],
+        )
+        for p in spec["points"]
+    ]
 
 
 def memory_points_subprocess(spec: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
@@ -360,24 +446,37 @@ def memory_scaling(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for (variant, mode, low), es in sorted(groups.items(), key=str):
         es = sorted(es, key=lambda e: e["devices"])
-        out.append({
-            "variant": variant, "mode": mode, "low_memory": low,
-            "devices": [e["devices"] for e in es],
-            "temp_mib": [e["measured_per_device"]["temp_bytes"] / 2**20 for e in es],
-            "view_block_mib": [e["theory_per_device"]["view_block_bytes"] / 2**20 for e in es],
-            "all_views_stack_mib": [e["theory_per_device"]["all_views_stack_bytes"] / 2**20 for e in es],
-            "temp_over_view_block": [e["temp_over_view_block"] for e in es],
-        })
+        out.append(
+            {
+                "variant": variant,
+                "mode": mode,
+                "low_memory": low,
+                "devices": [e["devices"] for e in es],
+                "temp_mib": [e["measured_per_device"]["temp_bytes"] / 2**20 for e in es],
+                "view_block_mib": [e["theory_per_device"]["view_block_bytes"] / 2**20 for e in es],
+                "all_views_stack_mib": [e["theory_per_device"]["all_views_stack_bytes"] / 2**20 for e in es],
+                "temp_over_view_block": [e["temp_over_view_block"] for e in es],
+            }
+        )
     # Side by side: low_memory=False / low_memory=True temp bytes at equal variant, mode, devices.
-    by_key = {(e["variant"], e["mode"], e["low_memory"], e["devices"]): e for e in entries
-              if "temp_bytes" in e["measured_per_device"]}
+    by_key = {
+        (e["variant"], e["mode"], e["low_memory"], e["devices"]): e
+        for e in entries
+        if "temp_bytes" in e["measured_per_device"]
+    }
     for (variant, mode, low, devices), e in sorted(by_key.items(), key=str):
         other = by_key.get((variant, mode, False, devices))
         if low and other:
-            out.append({"variant": variant, "mode": mode, "devices": devices,
-                        "kind": "temp_low_memory_false_over_true",
-                        "ratio": other["measured_per_device"]["temp_bytes"] / e["measured_per_device"]["temp_bytes"],
-                        "theory_ratio_V": e["views_V"]})
+            out.append(
+                {
+                    "variant": variant,
+                    "mode": mode,
+                    "devices": devices,
+                    "kind": "temp_low_memory_false_over_true",
+                    "ratio": other["measured_per_device"]["temp_bytes"] / e["measured_per_device"]["temp_bytes"],
+                    "theory_ratio_V": e["views_V"],
+                }
+            )
     return out
 
 
@@ -393,22 +492,29 @@ def plans(quick: bool, devices: int) -> dict[str, Any]:
         timing = [("in_batch", mode, True, 1, 64) for mode in MODE_CONFIGS] + [("in_batch", "attraction", False, 1, 64)]
         timing += [("memory", mode, True, 1, 64) for mode in ("attraction", "none")]
         timing += [("in_batch", mode, True, devices, 64) for mode in ("attraction", "none")]
-        memory = {8 if devices >= 8 else devices: [{"variant": "in_batch", "mode": "attraction", "low_memory": lo}
-                                                   for lo in (True, False)]}
-        return {"views": views, "dim": dim, "memory_multiplier": m, "timing": timing, "repeats": 3,
-                "memory": memory}
+        timing += [("in_batch", mode, True, 1, 64) for mode in DEBIASED_MODES]
+        timing += [("in_batch", "hcl_elimination", True, devices, 64)]
+        memory = {
+            8 if devices >= 8 else devices: [
+                {"variant": "in_batch", "mode": "attraction", "low_memory": lo} for lo in (True, False)
+            ]
+        }
+        return {"views": views, "dim": dim, "memory_multiplier": m, "timing": timing, "repeats": 3, "memory": memory}
     timing = []
     for n in (256, 1024):
         for variant in ("in_batch", "memory"):
-            for mode in MODE_CONFIGS:
+            for mode in MODE_CONFIGS if variant == "memory" else {**MODE_CONFIGS, **DEBIASED_MODES}:
                 for low in (True, False):
                     timing.append((variant, mode, low, 1, n))
     for variant in ("in_batch", "memory"):
-        for mode in MODE_CONFIGS:
+        for mode in MODE_CONFIGS if variant == "memory" else {**MODE_CONFIGS, **DEBIASED_MODES}:
             for low in (True, False):
                 timing.append((variant, mode, low, devices, 1024))
-    points = [{"variant": v, "mode": "attraction", "low_memory": lo} for v in ("in_batch", "memory") for lo in (True, False)]
+    points = [
+        {"variant": v, "mode": "attraction", "low_memory": lo} for v in ("in_batch", "memory") for lo in (True, False)
+    ]
     points += [{"variant": v, "mode": "none", "low_memory": True} for v in ("in_batch", "memory")]
+    points += [{"variant": "in_batch", "mode": mode, "low_memory": True} for mode in DEBIASED_MODES]
     memory = {r: points for r in (1, 8, 32, 128)}
     return {"views": views, "dim": dim, "memory_multiplier": m, "timing": timing, "repeats": 5, "memory": memory}
 
@@ -434,10 +540,18 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, one official-scale compile (< 1 min)")
-    parser.add_argument("--devices", type=int, default=int(os.environ.get("FNC_BENCH_DEVICES", 8)),
-                        help="simulated devices of the sharded timing (env FNC_BENCH_DEVICES, default 8)")
-    parser.add_argument("--max-run-bytes", type=float, default=4 * 2**30,
-                        help="skip timing a configuration whose compiled bytes over all devices exceed this")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=int(os.environ.get("FNC_BENCH_DEVICES", 8)),
+        help="simulated devices of the sharded timing (env FNC_BENCH_DEVICES, default 8)",
+    )
+    parser.add_argument(
+        "--max-run-bytes",
+        type=float,
+        default=4 * 2**30,
+        help="skip timing a configuration whose compiled bytes over all devices exceed this",
+    )
     parser.add_argument("--output", help="also write the JSON to this file")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)  # internal: JSON spec, one device count
     args = parser.parse_args(argv)
@@ -486,8 +600,14 @@ def main(argv: list[str] | None = None) -> int:
     log("memory at the official scale (compile only)")
     memory: list[dict[str, Any]] = []
     for r, points in sorted(plan["memory"].items()):
-        spec = {"devices": r, "views": OFFICIAL["views"], "global_batch": OFFICIAL["global_batch"],
-                "dim": OFFICIAL["dim"], "memory_multiplier": OFFICIAL["memory_multiplier"], "points": points}
+        spec = {
+            "devices": r,
+            "views": OFFICIAL["views"],
+            "global_batch": OFFICIAL["global_batch"],
+            "dim": OFFICIAL["dim"],
+            "memory_multiplier": OFFICIAL["memory_multiplier"],
+            "points": points,
+        }
         if r <= jax.device_count():
             memory += memory_points(spec)
         else:

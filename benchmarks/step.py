@@ -141,7 +141,8 @@ def part_functions(bundle, state, batch) -> tuple[dict[str, tuple[Any, tuple]], 
     import jax
     import jax.numpy as jnp
     import optax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from fnc_jax import objectives, parallel, step
     from fnc_jax.models import ProjectionHead, factory, resnet_feature_dim
@@ -224,12 +225,13 @@ def part_functions(bundle, state, batch) -> tuple[dict[str, tuple[Any, tuple]], 
     desc["gradient_all_reduce"] = "psum of a params-shaped float32 tree over the data axis (shard_map)"
 
     if s.use_memory:
-
         jobs["ema_targets"] = (
             jax.jit(lambda st, x, y: step.ema_targets(bundle.ema_model, st, x, y, s), out_shardings=replicated),
             (state, images, labels),
         )
-        desc["ema_targets"] = "step.ema_targets: EMA encoder + head forward (train-mode BN), l2 normalisation, queue update"
+        desc["ema_targets"] = (
+            "step.ema_targets: EMA encoder + head forward (train-mode BN), l2 normalisation, queue update"
+        )
 
         def queue_update(memory, memory_labels, ema, y):
             memory = objectives.update_memory(memory, jnp.swapaxes(ema, 0, 1).reshape(v * b, -1))
@@ -267,10 +269,10 @@ def part_functions(bundle, state, batch) -> tuple[dict[str, tuple[Any, tuple]], 
         memory = objectives.update_memory(state.memory, jnp.swapaxes(projection, 0, 1).reshape(v * b, -1))
         targets = step.Targets(projection, jax.device_put(memory, replicated), state.memory_labels, None)
 
-    def loss_and_grad(p, y, targets):
-        return jax.value_and_grad(lambda p: step.contrastive_loss(s, mesh, p, y, targets)[0])(p)
+    def loss_and_grad(p, y, targets, at_step):
+        return jax.value_and_grad(lambda p: step.contrastive_loss(s, mesh, p, y, targets, at_step)[0])(p)
 
-    jobs["loss_and_grad"] = (jax.jit(loss_and_grad), (projection, labels, targets))
+    jobs["loss_and_grad"] = (jax.jit(loss_and_grad), (projection, labels, targets, state.step))
     desc["loss_and_grad"] = (
         "value_and_grad of step.contrastive_loss w.r.t. the (B, V, d) projections: candidate gather (in-batch), "
         "FN identification, loss and backward"
@@ -388,9 +390,18 @@ def official_estimate(args, mesh1, reuse: dict[str, Any] | None = None) -> dict[
         depth, width, local_b, rows = 18, 0.25, 64, 4096
     out: dict[str, Any] = {
         "official_per_device": {**o, "memory_rows": o["memory_multiplier"] * o["global_batch"]},
-        "measured": {"loss_local_batch": local_b, "views": views, "dim": d, "memory_rows": rows,
-                     "resnet_depth": depth, "resnet_width": width, "image_size": size, "probe_image_size": probe_size,
-                     "probe_local_batch": probe_batch, "dtype": args.dtype},
+        "measured": {
+            "loss_local_batch": local_b,
+            "views": views,
+            "dim": d,
+            "memory_rows": rows,
+            "resnet_depth": depth,
+            "resnet_width": width,
+            "image_size": size,
+            "probe_image_size": probe_size,
+            "probe_local_batch": probe_batch,
+            "dtype": args.dtype,
+        },
     }
 
     # 1. Loss + gradient, and the mask alone, at the per-device shapes. With axis_name=None and a queue of
@@ -449,21 +460,35 @@ def official_estimate(args, mesh1, reuse: dict[str, Any] | None = None) -> dict[
         achieved = reuse["flops_per_step_per_device"] * reuse["devices"] / probe["median_s"]
         seconds, stats = {}, {"step_224px_compile_only": {"memory": None}}
         depth, size, probe_size = reuse["depth"], reuse["image_size"], reuse["image_size"]
-        out["measured"].update(resnet_depth=depth, resnet_width=reuse["width"], image_size=size,
-                               probe_image_size=size, probe_local_batch=reuse["local_batch"],
-                               resnet_step_source="the fnc_memory variant's step of this run (--quick)")
+        out["measured"].update(
+            resnet_depth=depth,
+            resnet_width=reuse["width"],
+            image_size=size,
+            probe_image_size=size,
+            probe_local_batch=reuse["local_batch"],
+            resnet_step_source="the fnc_memory variant's step of this run (--quick)",
+        )
     else:
         jobs, probe_inputs = {}, None
         for tag, px in (("step_224px_compile_only", size), ("step_probe_run", probe_size)):
-            cfg = common.small_config(depth=depth, width=width, image_size=px, batch=probe_batch * mesh1.size,
-                                      views=views, memory_multiplier=o["memory_multiplier"], dtype=args.dtype)
+            cfg = common.small_config(
+                depth=depth,
+                width=width,
+                image_size=px,
+                batch=probe_batch * mesh1.size,
+                views=views,
+                memory_multiplier=o["memory_multiplier"],
+                dtype=args.dtype,
+            )
             cfg.augment.use_randaugment = False  # host-side only: irrelevant to the step
             bundle = common.build_step(cfg, mesh1, num_classes=1000)
             if tag == "step_224px_compile_only":
                 jobs[tag] = (bundle.step_fn, (common.abstract_state(bundle), common.abstract_batch(cfg, mesh1)))
             else:
-                probe_inputs = {"state": bundle.initial_state(),
-                                "batch": common.random_batch(cfg, mesh1, num_classes=1000)}
+                probe_inputs = {
+                    "state": bundle.initial_state(),
+                    "batch": common.random_batch(cfg, mesh1, num_classes=1000),
+                }
                 jobs[tag] = (bundle.step_fn, (probe_inputs["state"], probe_inputs["batch"]))
         common.log(f"official: compiling the ResNet-{depth} step at {size} px (FLOPs only) and {probe_size} px (run)")
         compiled, seconds = compile_all(jobs)
@@ -483,8 +508,9 @@ def official_estimate(args, mesh1, reuse: dict[str, Any] | None = None) -> dict[
         achieved = stats["step_probe_run"]["flops"] / probe["median_s"]
     step_flops = flops_per_view * local_b * views  # one device's step at the (measured) per-device batch
     step_time = step_flops / achieved
-    fnc, base, msk = (loss_t[k] for k in ("fnc_attraction_loss_and_grad", "baseline_loss_and_grad",
-                                          "fn_identification_alone"))
+    fnc, base, msk = (
+        loss_t[k] for k in ("fnc_attraction_loss_and_grad", "baseline_loss_and_grad", "fn_identification_alone")
+    )
     out["resnet_step"] = {
         "compile_s": {k: round(v, 2) for k, v in seconds.items()},
         "flops_per_view": flops_per_view,
@@ -531,8 +557,10 @@ def main(argv=None) -> dict[str, Any]:
 
     t_start = time.time()
     mesh = parallel.create_mesh(jax.devices()[: args.devices])
-    common.log(f"step benchmark on {args.devices} devices: depth {args.depth} x{args.width}, {args.image_size}px, "
-               f"batch {args.batch}, V={args.views}, memory x{args.memory_multiplier}")
+    common.log(
+        f"step benchmark on {args.devices} devices: depth {args.depth} x{args.width}, {args.image_size}px, "
+        f"batch {args.batch}, V={args.views}, memory x{args.memory_multiplier}"
+    )
 
     bundles, states, batches, configs = {}, {}, {}, {}
     for name in VARIANTS:
@@ -559,8 +587,9 @@ def main(argv=None) -> dict[str, Any]:
 
     common.log("timing the steps (round-robin)")
     cpu_times: dict[str, list[float]] = {}
-    times = common.time_interleaved({n: stepper(n) for n in VARIANTS}, repeats=args.repeats,
-                                    warmup=1 if args.quick else 2, cpu_times=cpu_times)
+    times = common.time_interleaved(
+        {n: stepper(n) for n in VARIANTS}, repeats=args.repeats, warmup=1 if args.quick else 2, cpu_times=cpu_times
+    )
     variants: dict[str, Any] = {}
     for n in VARIANTS:
         cfg = configs[n]
@@ -635,8 +664,12 @@ def main(argv=None) -> dict[str, Any]:
             entry["sub_function_median_s"] = t
             tc = {k: cpu_medians[job] for k, job in owner[n].items()}
             by_cpu = derive_shares(cpu_medians[f"{n}/step"], tc, bundles[n].settings.use_memory)
-            entry["cpu_time"] = {"shares": by_cpu["shares"], "share_of_step": by_cpu["share_of_step"],
-                                 "step_cpu_s": by_cpu["step_s"], "sub_function_median_cpu_s": tc}
+            entry["cpu_time"] = {
+                "shares": by_cpu["shares"],
+                "share_of_step": by_cpu["share_of_step"],
+                "step_cpu_s": by_cpu["step_s"],
+                "sub_function_median_cpu_s": tc,
+            }
             breakdown[n] = entry
         breakdown["descriptions"] = descriptions
         breakdown["compile_s"] = {k: round(v, 2) for k, v in part_compile_s.items()}
@@ -680,10 +713,16 @@ def main(argv=None) -> dict[str, Any]:
         reuse = None
         if args.quick:
             a = variants["fnc_memory"]
-            reuse = {"flops_per_step_per_device": a["flops_per_step_per_device"], "step": a["step"],
-                     "views_per_step_per_device": a["local_batch"] * a["views"], "devices": args.devices,
-                     "depth": args.depth, "width": args.width, "image_size": args.image_size,
-                     "local_batch": a["local_batch"]}
+            reuse = {
+                "flops_per_step_per_device": a["flops_per_step_per_device"],
+                "step": a["step"],
+                "views_per_step_per_device": a["local_batch"] * a["views"],
+                "devices": args.devices,
+                "depth": args.depth,
+                "width": args.width,
+                "image_size": args.image_size,
+                "local_batch": a["local_batch"],
+            }
         result["official_estimate"] = official_estimate(args, parallel.create_mesh(jax.devices()[:1]), reuse)
     result["wall_s"] = round(time.time() - t_start, 1)
     return result

@@ -8,9 +8,9 @@ Recipe: ResNet-50, global batch 4096, 2 + 8 views of 224 px with RandAugment(2, 
 16 x batch fed by an EMA encoder (0.999), FN attraction with max over all views and top-10 ∩ cos > 0.7,
 tau = 0.1, LARS at 0.1·√4096 = 6.4, weight decay 1e-4, 10 warm-up epochs + cosine, global BatchNorm,
 100 epochs (31,279 steps). Hardware: a TPU v4-128 / v5p-128 pod slice or 64+ A100/H100 GPUs
-(launch/). Expected: ImageNet linear evaluation ≈ 71.4% top-1 after 100 epochs (paper §4.3,
-"SimCLR + multi-crop + momentum encoder + FNC"); 74.4% after 1000 epochs (`--config.epochs=1000`,
-paper Table; epoch count unverified). Wall time: not yet measured by this project.
+(launch/). Expected: ImageNet linear evaluation 71.43% top-1 after 100 epochs (docs/results.md §4.3,
+"SimCLR + multi-crop + momentum encoder" + FN cancellation); 74.4% after 1000 epochs (`--config.epochs=1000`,
+docs/results.md §1; epoch count unverified). Wall time: not yet measured by this project.
 """
 
 from fnc_jax.config_base import pretrain_config

@@ -7,7 +7,7 @@ Command (prepare `tfds build imagenet2012_subset/10pct --manual_dir=$MANUAL --da
 Same recipe as `imagenet_finetune_1pct.py` on the 128,116 images of `imagenet2012_subset/10pct` for
 30 epochs (3,754 steps; SimCLR v2's count, the paper's is unverified).
 Hardware: 8 A100/H100 GPUs or a TPU v4-8. Expected wall time: a few hours (estimate, not measured).
-Target (results.md §2): **71.1% top-1 / 90.2% top-5** (official defaults, 1000 pretraining epochs).
+Target (docs/results.md §2): **71.1% top-1 / 90.2% top-5** (official defaults, 1000 pretraining epochs).
 """
 
 from fnc_jax.config_base import eval_config

@@ -12,7 +12,7 @@ on the full validation split (centre crop 0.875). Restored: encoder and projecti
 step, optimiser slots, probe. Official quirk kept: projection layer 0 is not trained (its BN runs in
 training mode); `--config.finetune.train_projection=True` trains it.
 Hardware: 8 A100/H100 GPUs or a TPU v4-8. Expected wall time: under an hour (estimate, not measured).
-Target (results.md §2): **63.7% top-1 / 85.3% top-5** (official defaults, 1000 pretraining epochs).
+Target (docs/results.md §2): **63.7% top-1 / 85.3% top-5** (official defaults, 1000 pretraining epochs).
 """
 
 from fnc_jax.config_base import eval_config

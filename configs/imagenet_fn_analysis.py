@@ -4,7 +4,7 @@ Command:
   python -m fnc_jax.main --config=configs/imagenet_fn_analysis.py --workdir=gs://BUCKET/fnc_r50_fn \
       --config.pretrained.workdir=gs://BUCKET/fnc_r50 --config.data.data_dir=$DATA
 
-What it measures (results.md §5): the precision of the identified false negatives, i.e. the share of
+What it measures (docs/results.md §5): the precision of the identified false negatives, i.e. the share of
 selected candidates with the anchor's label (chance ≈ 0.1% on 1000 classes), and their recall, over
 top-k ∈ {1, 2, 5, 10, 20} x threshold ∈ {0.5 … 0.9, none} x aggregation max / mean x support size
 S ∈ {0, 2, 4, 6, 8}. Views: the official pretraining augmentation (crop, flip, colour jitter,

@@ -11,7 +11,7 @@ The training features are sharded over the devices (10.5 GB in float32), each de
 top-k in chunks of 65,536 rows, and the per-device top-k are merged. Hardware: 8 A100/H100 GPUs or a
 TPU v4-8, and about 25 GB of host memory per process (the gathered features). Expected wall time:
 one forward pass over ImageNet, 30-60 min (estimate, not measured). The paper reports no kNN number
-(results.md); use it as a cheap check between pretraining checkpoints.
+(docs/results.md); use it as a cheap check between pretraining checkpoints.
 """
 
 from fnc_jax.config_base import eval_config

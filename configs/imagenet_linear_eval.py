@@ -12,8 +12,8 @@ crop 0.875 on the 50,000 validation images; top-1 / top-5. Restored: the encoder
 BatchNorm statistics); not restored: step, optimiser slots, projection head, probe.
 Hardware: 8 A100/H100 GPUs or a TPU v4-8 (forward passes only; the JPEG input pipeline is the usual
 bottleneck, so give it many host cores). Expected wall time: not yet measured by this project
-(estimate 8-12 h on 8 A100). Target (results.md §1): **74.4% top-1 / 91.8% top-5** for the official
-defaults pretrained 1000 epochs (epoch count unverified); 71.43% top-1 for 100 epochs (results.md §4.3).
+(estimate 8-12 h on 8 A100). Target (docs/results.md §1): **74.4% top-1 / 91.8% top-5** for the official
+defaults pretrained 1000 epochs (epoch count unverified); 71.43% top-1 for 100 epochs (docs/results.md §4.3).
 """
 
 from fnc_jax.config_base import eval_config

@@ -29,7 +29,7 @@ crops use area (0.2, 1) (the FNC recipe) rather than Inception crops (0.08, 1).
 Hardware: 8 A100/H100 GPUs or a TPU v4-8. Expected wall time (estimates, not measured): about 30 min
 per fine-tuning run (56 runs + 1: ~1.5 days per dataset), about 10 min per linear run (~4 h). Shrink
 the grid with e.g. `--config.transfer.learning_rates='(0.01,0.1)'`.
-Targets (results.md §3, FNC rows): linear 74.4 / 93.0 / 76.8 / 54.0 / 63.2 / 68.8 / 61.3 / 83.0 /
+Targets (docs/results.md §3, FNC rows): linear 74.4 / 93.0 / 76.8 / 54.0 / 63.2 / 68.8 / 61.3 / 83.0 /
 76.3 / 89.0 / 93.5 / 94.9 and fine-tuned 88.3 / 97.7 / 86.8 / 76.3 / 64.2 / 92.0 / 88.5 / 84.7 / 76.0
 / 90.9 / 93.6 / 97.5 (Food, C10, C100, Birdsnap, SUN397, Cars, Aircraft, VOC07, DTD, Pets, Caltech101,
 Flowers; averages 77.3 linear and 86.4 fine-tuned).
@@ -66,7 +66,9 @@ def get_config(arg: str = "cifar10"):
     if name in UNSUPPORTED:
         raise ValueError(f"configs/transfer.py:{arg}: {UNSUPPORTED[name]}.")
     if protocol not in PROTOCOLS:
-        raise ValueError(f"configs/transfer.py:{arg}: the protocol {protocol!r} is invalid; allowed: {', '.join(PROTOCOLS)}.")
+        raise ValueError(
+            f"configs/transfer.py:{arg}: the protocol {protocol!r} is invalid; allowed: {', '.join(PROTOCOLS)}."
+        )
     tfds_name, train, test, sweep_train, sweep_val, _, _ = DATASETS.get(
         name, (name, "train", "test", "train[:80%]", "train[80%:]", None, None)
     )

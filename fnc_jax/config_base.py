@@ -2,8 +2,9 @@
 
 Experiment files in `configs/` start from `pretrain_config()` and change what differs; the field
 names are the contract with `fnc_jax.configuration` (validation) and the trainer. Defaults are the
-official implementation's (google-research/fnc; `shared/spec/training_recipe.md`), except where
-the spec lists an official bug not to replicate (EMA initialisation, per-image blur sigma).
+official implementation's (google-research/fnc; docs/training_recipe.md), except for an official bug not
+to replicate (the EMA encoder's random initialisation, §9.1) and a recommended departure from an official
+quirk (one blur sigma per image rather than per device, §9.2); both official behaviours stay selectable.
 """
 
 import ml_collections
@@ -71,6 +72,13 @@ def pretrain_config() -> ml_collections.ConfigDict:
     c.fn.topk = 10
     c.fn.threshold = 0.7
     c.fn.support_as_positives = True
+    # The schedule (objectives.FNSchedule), as shares of the run's steps; both 0 = off (the fixed selection
+    # from step 0). Nothing is cancelled before start_fraction; over ramp_fraction, k rises from
+    # ramp_from_topk to topk and the threshold falls from ramp_from_threshold (1.0: nothing passes) to threshold.
+    c.fn.start_fraction = 0.0
+    c.fn.ramp_fraction = 0.0
+    c.fn.ramp_from_topk = 1
+    c.fn.ramp_from_threshold = 1.0
 
     c.memory = ml_collections.ConfigDict()
     c.memory.multiplier = 16  # M: queue of M x global-batch rows; 0 = in-batch candidates only

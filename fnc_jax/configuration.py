@@ -15,7 +15,7 @@ from fnc_jax import config_base, errors, objectives, optim
 from fnc_jax import field_checks as check
 from fnc_jax.data import sources
 from fnc_jax.models import resnet
-from fnc_jax.objectives import FNConfig
+from fnc_jax.objectives import FNConfig, FNSchedule
 
 DTYPES = ("float32", "bfloat16")
 EMA_INITS = ("copy", "independent")
@@ -35,14 +35,55 @@ RESUMABLE_CHANGES = (
 )
 
 
+# The fields of `config.fn` that make its schedule (`fn_schedule`); the others are `FNConfig`'s.
+SCHEDULE_FIELDS = ("start_fraction", "ramp_fraction", "ramp_from_topk", "ramp_from_threshold")
+
+
 def fn_config(config: ml_collections.ConfigDict) -> FNConfig:
     """The objective's `FNConfig` from `config.fn` (its validation names `fn.<field>`)."""
+    fields = {k: v for k, v in config.fn.to_dict().items() if k not in SCHEDULE_FIELDS}
     try:
-        return FNConfig(**config.fn.to_dict())
+        return FNConfig(**fields)
     except TypeError as err:
         raise errors.ConfigError(f"config.fn has an unknown field: {err}") from None
     except ValueError as err:
         raise errors.ConfigError(f"config.{err}") from None
+
+
+def schedule_is_on(config: ml_collections.ConfigDict) -> bool:
+    return bool(config.fn.get("start_fraction", 0.0) or config.fn.get("ramp_fraction", 0.0))
+
+
+def validate_fn_schedule(config: ml_collections.ConfigDict, fn: FNConfig) -> None:
+    start = check.number(config, "fn.start_fraction", 0.0, 1.0)
+    ramp = check.number(config, "fn.ramp_fraction", 0.0, 1.0)
+    if start + ramp > 1.0:
+        raise check.invalid(
+            "fn.ramp_fraction",
+            ramp,
+            f"numbers in [0, {1.0 - start:g}] (fn.start_fraction + "
+            "fn.ramp_fraction <= 1: the ramp ends within the run)",
+        )
+    check.integer(config, "fn.ramp_from_topk", 0, fn.topk)  # the top-k runs at fn.topk and is cut to the ramp's k
+    check.number(config, "fn.ramp_from_threshold", -math.inf)
+    if schedule_is_on(config) and fn.mode == "none":
+        raise check.invalid(
+            "fn.start_fraction",
+            start,
+            "0 with fn.ramp_fraction=0 when fn.mode='none' (there is no cancellation to schedule)",
+        )
+
+
+def fn_schedule(config: ml_collections.ConfigDict, total_steps: int) -> FNSchedule | None:
+    """The validated config's schedule in steps of a run of `total_steps`; None when it is off."""
+    if not schedule_is_on(config):
+        return None
+    return FNSchedule(
+        start_step=round(config.fn.start_fraction * total_steps),
+        ramp_steps=round(config.fn.ramp_fraction * total_steps),
+        from_topk=int(config.fn.ramp_from_topk),
+        from_threshold=float(config.fn.ramp_from_threshold),
+    )
 
 
 def num_views(config: ml_collections.ConfigDict) -> int:
@@ -103,11 +144,14 @@ def validate_pretrain(config: ml_collections.ConfigDict, *, num_devices: int, nu
             "allowed are views.support_size >= 1, or fn.support_set='all_views'."
         )
     check.number(config, "loss.temperature", 0.0, open_low=True)
+    validate_fn_schedule(config, fn)
     validate_loss(config, fn)
     views = num_views(config)
     multiplier = check.integer(config, "memory.multiplier", 0)
     if 0 < multiplier < views:
-        raise check.invalid("memory.multiplier", multiplier, f"0 (no memory) or integers >= the number of views V = {views}")
+        raise check.invalid(
+            "memory.multiplier", multiplier, f"0 (no memory) or integers >= the number of views V = {views}"
+        )
     if multiplier and not fn.support_as_positives:
         raise check.invalid("fn.support_as_positives", False, "True when memory.multiplier > 0")
     check.number(config, "ema.decay", 0.0, 1.0)
@@ -129,14 +173,17 @@ def validate_loss(config: ml_collections.ConfigDict, fn: FNConfig) -> None:
         return
     if fn.mode not in objectives.DEBIASED_FN_MODES:
         raise check.invalid(
-            "fn.mode", fn.mode, f"{', '.join(objectives.DEBIASED_FN_MODES)} with loss.name={config.loss.name!r} "
+            "fn.mode",
+            fn.mode,
+            f"{', '.join(objectives.DEBIASED_FN_MODES)} with loss.name={config.loss.name!r} "
             "(the debiased estimator already corrects the negatives for false negatives; attraction would count "
-            "them twice)"
+            "them twice)",
         )
     if config.memory.multiplier:
         raise check.invalid(
-            "memory.multiplier", config.memory.multiplier, f"0 with loss.name={config.loss.name!r} (DCL and HCL "
-            "use the in-batch candidates)"
+            "memory.multiplier",
+            config.memory.multiplier,
+            f"0 with loss.name={config.loss.name!r} (DCL and HCL use the in-batch candidates)",
         )
 
 
@@ -193,7 +240,8 @@ def incompatible_changes(old: dict, new: dict, defaults: dict | None = None) -> 
         )
 
     return [
-        f for f in changed_fields(old, new)
+        f
+        for f in changed_fields(old, new)
         if not any(f.startswith(p) for p in RESUMABLE_CHANGES) and not added_at_default(f)
     ]
 

@@ -38,8 +38,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from absl import flags
-from absl import logging
+from absl import flags, logging
 
 from fnc_jax import errors
 
@@ -154,7 +153,9 @@ def initialize(
             raise errors.ConfigError(f"--process_id must be in [0, {num_processes}), got {process_id}.")
         logging.info(
             "Initialising jax.distributed from flags: coordinator=%s, process %d of %d.",
-            coordinator_address, process_id, num_processes,
+            coordinator_address,
+            process_id,
+            num_processes,
         )
         _use_gloo_cpu_collectives()
         jax.distributed.initialize(
@@ -179,7 +180,8 @@ def define_flags() -> None:
     if "coordinator_address" in flags.FLAGS:
         return
     flags.DEFINE_string(
-        "coordinator_address", None,
+        "coordinator_address",
+        None,
         "host:port of process 0 for a manual multi-process run. Leave unset on Cloud TPU pods, "
         "under SLURM (srun) and Open MPI: JAX detects them.",
     )

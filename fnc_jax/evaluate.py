@@ -5,7 +5,7 @@
 | `linear_eval` | zero-init linear head on the frozen network (BN in inference mode) | training recipe §5 |
 | `finetune` | encoder + head from projection layer 0, LARS, global BN in training mode | §6 (1% / 10% labels) |
 | `knn` | weighted kNN (k = 20, 200; T = 0.07) on frozen l2-normalised features, sharded over devices | Wu et al. 2018 |
-| `fn_analysis` | false-negative identification precision / recall over a grid of selection settings | method.md §4 |
+| `fn_analysis` | false-negative identification precision / recall over a grid of selection settings | docs/method.md §4 |
 | `transfer` | linear eval or fine-tuning on another dataset; LR × weight-decay sweep on a held-out part of train, retrain on all of train with the best point, report test accuracy | SimCLR / Kornblith et al. 2019 |
 
 Each run validates its config before anything is read or compiled, records `config.json` in its
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import math
 from typing import Any
 
@@ -150,7 +149,9 @@ def _split_sizes(config: ml_collections.ConfigDict, splits: tuple[str, ...]) -> 
 def _protocol_summary(protocol: classification.Protocol) -> dict[str, Any]:
     return {
         "trained": ["/".join(p) for p in protocol.trainable],
-        "batchnorm": "training mode (batch statistics)" if protocol.bn_train else "inference mode (frozen moving statistics)",
+        "batchnorm": "training mode (batch statistics)"
+        if protocol.bn_train
+        else "inference mode (frozen moving statistics)",
         "optimizer": protocol.optimizer,
     }
 
@@ -161,13 +162,22 @@ def _run_classifier(config, workdir, source, info, mesh) -> dict[str, Any]:
     variables, report = _starting_variables(config, model, source, mesh, workdir)
     _print_restore(report)
     hparams = classification.hparams_from_config(
-        config, info.num_examples[config.data.train_split],
-        base_lr=config.optim.base_lr, weight_decay=config.optim.weight_decay,
+        config,
+        info.num_examples[config.data.train_split],
+        base_lr=config.optim.base_lr,
+        weight_decay=config.optim.weight_decay,
     )
     protocol = classification.protocol_from_config(config, kind)
     results, _ = classification.train(
-        config=config, model=model, protocol=protocol, variables=variables, hparams=hparams, workdir=workdir,
-        train_split=config.data.train_split, eval_split=config.data.eval_split, mesh=mesh,
+        config=config,
+        model=model,
+        protocol=protocol,
+        variables=variables,
+        hparams=hparams,
+        workdir=workdir,
+        train_split=config.data.train_split,
+        eval_split=config.data.eval_split,
+        mesh=mesh,
     )
     return {"pretrained": report, "protocol": _protocol_summary(protocol), **results}
 
@@ -183,10 +193,19 @@ def _run_knn(config, workdir, source, info, mesh) -> dict[str, Any]:
     model, variables, report = _encoder_variables(config, source, mesh)
     output = "features" if config.knn.features == "encoder" else "projection"
     bs = config.eval.batch_size
-    train_x, train_y = features.extract(model, variables, config, config.data.train_split, mesh, batch_size=bs, output=output)
-    test_x, test_y = features.extract(model, variables, config, config.data.eval_split, mesh, batch_size=bs, output=output)
+    train_x, train_y = features.extract(
+        model, variables, config, config.data.train_split, mesh, batch_size=bs, output=output
+    )
+    test_x, test_y = features.extract(
+        model, variables, config, config.data.eval_split, mesh, batch_size=bs, output=output
+    )
     scores = knn.knn_evaluate(
-        test_x, test_y, None, train_x, train_y, None,
+        test_x,
+        test_y,
+        None,
+        train_x,
+        train_y,
+        None,
         num_classes=info.num_classes,
         ks=tuple(config.knn.ks),
         temperature=config.knn.temperature,
@@ -195,7 +214,9 @@ def _run_knn(config, workdir, source, info, mesh) -> dict[str, Any]:
         train_chunk_size=config.knn.train_chunk_size,
     )
     for k in config.knn.ks:
-        console.say(f"kNN k={k}: top-1 {100 * scores[f'knn_top1_k{k}']:.2f}% | top-5 {100 * scores[f'knn_top5_k{k}']:.2f}%")
+        console.say(
+            f"kNN k={k}: top-1 {100 * scores[f'knn_top1_k{k}']:.2f}% | top-5 {100 * scores[f'knn_top5_k{k}']:.2f}%"
+        )
     writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
     writer.write_scalars(source.step or 0, {f"knn/{k}": v for k, v in scores.items()})
     writer.close()
@@ -230,13 +251,25 @@ def _run_fn_analysis(config, workdir, source, info, mesh) -> dict[str, Any]:
     n = fn_analysis_size(config)
     model, variables, report = _encoder_variables(config, source, mesh)
     embeddings, labels = features.view_projections(
-        model, variables, config, mesh, split=a.split, num_views=a.num_views, num_examples=n,
+        model,
+        variables,
+        config,
+        mesh,
+        split=a.split,
+        num_views=a.num_views,
+        num_examples=n,
         batch_size=config.eval.batch_size,
     )
     anchors = a.anchor_batch_size or None
     rows = fn_analysis.sweep(
-        embeddings, labels, batch_size=config.batch_size, topks=tuple(a.topks), thresholds=tuple(a.thresholds),
-        aggregations=tuple(a.aggregations), support_sizes=tuple(a.support_sizes) or None, anchor_batch_size=anchors,
+        embeddings,
+        labels,
+        batch_size=config.batch_size,
+        topks=tuple(a.topks),
+        thresholds=tuple(a.thresholds),
+        aggregations=tuple(a.aggregations),
+        support_sizes=tuple(a.support_sizes) or None,
+        anchor_batch_size=anchors,
     )
     histograms = fn_analysis.similarity_histograms(
         embeddings, labels, batch_size=config.batch_size, bins=a.histogram_bins, anchor_batch_size=anchors
@@ -250,13 +283,17 @@ def _run_fn_analysis(config, workdir, source, info, mesh) -> dict[str, Any]:
     chance = float(np.sum(np.bincount(labels) ** 2) / len(labels) ** 2)
     largest = max(r["support_size"] for r in rows)
     shown = "max" if "max" in a.aggregations else a.aggregations[0]
-    console.say(f"False-negative identification on {n} images of {a.split!r}, {a.num_views} views, batches of "
-           f"{config.batch_size} (chance precision ~{100 * chance:.1f}%), support size {largest}, {shown} "
-           "aggregation (the full table is in results.json):")
+    console.say(
+        f"False-negative identification on {n} images of {a.split!r}, {a.num_views} views, batches of "
+        f"{config.batch_size} (chance precision ~{100 * chance:.1f}%), support size {largest}, {shown} "
+        "aggregation (the full table is in results.json):"
+    )
     for r in rows:
         if r["support_size"] == largest and r["aggregation"] == shown and r["selection"] != "threshold":
-            console.say(f"  {r['aggregation']:<4} top-{r['topk']:<3} θ={r['threshold'] if r['threshold'] is not None else 'none':<5} "
-                   f"precision {100 * r['precision']:5.1f}% | recall {100 * r['recall']:5.1f}% | mean |F| {r['mean_num_fn']:.2f}")
+            console.say(
+                f"  {r['aggregation']:<4} top-{r['topk']:<3} θ={r['threshold'] if r['threshold'] is not None else 'none':<5} "
+                f"precision {100 * r['precision']:5.1f}% | recall {100 * r['recall']:5.1f}% | mean |F| {r['mean_num_fn']:.2f}"
+            )
     writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
     scalars = {}
     for r in rows:
@@ -307,11 +344,20 @@ def _run_transfer(config, workdir, source, info, mesh) -> dict[str, Any]:
         hparams = classification.hparams_from_config(
             config, sizes[train_split], base_lr=base_lr, weight_decay=weight_decay
         )
-        console.say(f"transfer ({kind}) run {run_dir.name}: base LR {base_lr:g}, weight decay {weight_decay:g}, "
-               f"train on {train_split!r}, evaluate on {eval_split!r}")
+        console.say(
+            f"transfer ({kind}) run {run_dir.name}: base LR {base_lr:g}, weight decay {weight_decay:g}, "
+            f"train on {train_split!r}, evaluate on {eval_split!r}"
+        )
         results, _ = classification.train(
-            config=config, model=model, protocol=protocol, variables=variables, hparams=hparams, workdir=run_dir,
-            train_split=train_split, eval_split=eval_split, mesh=mesh,
+            config=config,
+            model=model,
+            protocol=protocol,
+            variables=variables,
+            hparams=hparams,
+            workdir=run_dir,
+            train_split=train_split,
+            eval_split=eval_split,
+            mesh=mesh,
         )
         results = {"base_lr": base_lr, "weight_decay": weight_decay, "train_split": train_split, **results}
         if jax.process_index() == 0 and not results["preempted"]:
@@ -325,27 +371,35 @@ def _run_transfer(config, workdir, source, info, mesh) -> dict[str, Any]:
         run = one_run(workdir / "sweep" / f"{i:02d}_lr{lr:g}_wd{wd:g}", lr, wd, t.sweep_train_split, t.sweep_val_split)
         if run["preempted"]:
             return {"pretrained": report, "sweep": sweep, "preempted": True}
-        sweep.append({
-            "base_lr": lr,
-            "learning_rate": run["hparams"]["learning_rate"],
-            "weight_decay": wd,
-            "steps": run["steps"],
-            "val_top1": run["eval"]["top1"],
-            "val_top5": run["eval"]["top5"],
-            "val_loss": run["eval"]["loss"],
-        })
+        sweep.append(
+            {
+                "base_lr": lr,
+                "learning_rate": run["hparams"]["learning_rate"],
+                "weight_decay": wd,
+                "steps": run["steps"],
+                "val_top1": run["eval"]["top1"],
+                "val_top5": run["eval"]["top5"],
+                "val_loss": run["eval"]["loss"],
+            }
+        )
     # Highest validation top-1; ties go to the earlier grid point. A NaN never wins.
-    best = max(sweep, key=lambda r: (r["val_top1"] if math.isfinite(r["val_top1"]) else -1.0))
-    console.say(f"transfer sweep: best base LR {best['base_lr']:g}, weight decay {best['weight_decay']:g} "
-           f"(validation top-1 {100 * best['val_top1']:.2f}%); retraining on {config.data.train_split!r}")
-    final = one_run(workdir / "final", best["base_lr"], best["weight_decay"], config.data.train_split, config.data.eval_split)
+    best = max(sweep, key=lambda r: r["val_top1"] if math.isfinite(r["val_top1"]) else -1.0)
+    console.say(
+        f"transfer sweep: best base LR {best['base_lr']:g}, weight decay {best['weight_decay']:g} "
+        f"(validation top-1 {100 * best['val_top1']:.2f}%); retraining on {config.data.train_split!r}"
+    )
+    final = one_run(
+        workdir / "final", best["base_lr"], best["weight_decay"], config.data.train_split, config.data.eval_split
+    )
     results = {
         "pretrained": report,
         "protocol": {**_protocol_summary(protocol), "kind": kind, "bn_momentum": bn_momentum},
         "dataset": config.data.name,
         "splits": {
-            "sweep_train": t.sweep_train_split, "sweep_val": t.sweep_val_split,
-            "train": config.data.train_split, "test": config.data.eval_split,
+            "sweep_train": t.sweep_train_split,
+            "sweep_val": t.sweep_val_split,
+            "train": config.data.train_split,
+            "test": config.data.eval_split,
         },
         "split_sizes": sizes,
         "sweep": sweep,
@@ -379,8 +433,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, start_over: bool = F
         checkpoints.record_config(workdir_path, config.to_dict(), start_over=start_over, defaults=defaults)
     parallel.barrier("fnc_jax_eval_config recorded")
     mesh = parallel.create_mesh()
-    console.say(f"{config.mode}: pretrained weights from {source.describe()}; data {config.data.name} "
-           f"({info.num_classes} classes); workdir {workdir}")
+    console.say(
+        f"{config.mode}: pretrained weights from {source.describe()}; data {config.data.name} "
+        f"({info.num_classes} classes); workdir {workdir}"
+    )
     results = RUNNERS[config.mode](config, workdir_path, source, info, mesh)
     results = {"config": config.to_dict(), "mode": config.mode, **results}
     if jax.process_index() == 0:

@@ -29,10 +29,15 @@ def get(config: ml_collections.ConfigDict, field: str) -> Any:
     return value
 
 
-def integer(config: ml_collections.ConfigDict, field: str, minimum: int) -> int:
+def integer(config: ml_collections.ConfigDict, field: str, minimum: int, maximum: int | None = None) -> int:
     value = get(config, field)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise invalid(field, value, f"integers >= {minimum}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        raise invalid(field, value, f"integers >= {minimum}" + ("" if maximum is None else f" and <= {maximum}"))
     return value
 
 
@@ -60,13 +65,18 @@ def number_sequence(config, field: str, low: float, high: float = math.inf, *, o
     value = get(config, field)
     ok = isinstance(value, (tuple, list)) and len(value) > 0
     ok = ok and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        and (v > low if open_low else v >= low) and v <= high
+        isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+        and (v > low if open_low else v >= low)
+        and v <= high
         for v in value
     )
     if not ok:
         bound = f"> {low}" if open_low else f">= {low}"
-        raise invalid(field, value, f"non-empty sequences of numbers {bound}" + (f" and <= {high}" if high < math.inf else ""))
+        raise invalid(
+            field, value, f"non-empty sequences of numbers {bound}" + (f" and <= {high}" if high < math.inf else "")
+        )
     return tuple(value)
 
 

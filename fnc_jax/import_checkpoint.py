@@ -41,8 +41,10 @@ def main(argv: list[str]) -> None:
         print(f"import_checkpoint: {FLAGS.tf_checkpoint}: {error}", file=sys.stderr)
         sys.exit(2)
     print("\n".join(ckpt.summary()))
-    print(f"wrote {FLAGS.workdir}: the {FLAGS.network} network at step {ckpt.global_step or 0}; evaluate it with "
-          f"--config.pretrained.workdir={FLAGS.workdir} and config.model = {ckpt.architecture.model_config()}")
+    print(
+        f"wrote {FLAGS.workdir}: the {FLAGS.network} network at step {ckpt.global_step or 0}; evaluate it with "
+        f"--config.pretrained.workdir={FLAGS.workdir} and config.model = {ckpt.architecture.model_config()}"
+    )
 
 
 if __name__ == "__main__":

@@ -92,7 +92,10 @@ class Progress:
     def report(self, step: int, summary: str) -> dict[str, float]:
         elapsed = max(time.time() - self.mark_time - self.paused, 1e-9)
         steps_per_s = (step - self.mark_step) / elapsed
-        stats = {"steps_per_sec": steps_per_s, "images_per_sec_per_device": steps_per_s * self.batch_size / self.devices}
+        stats = {
+            "steps_per_sec": steps_per_s,
+            "images_per_sec_per_device": steps_per_s * self.batch_size / self.devices,
+        }
         eta = (self.total_steps - step) / max(steps_per_s, 1e-9)
         line = (
             f"{self.what} step {step}/{self.total_steps} | {summary} | {stats['images_per_sec_per_device']:.1f} "
@@ -227,8 +230,10 @@ def train(
             done = step + 1
             save = done % settings.checkpoint_every_steps == 0 or done == total
             stop = watcher.should_stop(done)
-            periodic_eval = evaluate is not None and settings.eval_every_steps > 0 and (
-                done % settings.eval_every_steps == 0 and done < total
+            periodic_eval = (
+                evaluate is not None
+                and settings.eval_every_steps > 0
+                and (done % settings.eval_every_steps == 0 and done < total)
             )
             if done % settings.log_every_steps == 0 or save or stop or periodic_eval:
                 host = jax.device_get(window)
@@ -259,7 +264,9 @@ def train(
                 write_history()
                 progress.paused += time.time() - t
             if stop:
-                logging.warning("Stopped for preemption at step %d of %s; the run resumes from here.", done, settings.what)
+                logging.warning(
+                    "Stopped for preemption at step %d of %s; the run resumes from here.", done, settings.what
+                )
                 break
             if done < total:
                 batch = next(stream)

@@ -37,8 +37,13 @@ def run(argv: list[str]) -> None:
     from fnc_jax import config_base  # noqa: PLC0415 (after the distributed runtime is set up)
 
     config = _CONFIG.value
-    logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(), jax.device_count(),
-                 jax.devices()[0].device_kind)
+    logging.info(
+        "JAX %s: %d processes, %d devices (%s)",
+        jax.__version__,
+        jax.process_count(),
+        jax.device_count(),
+        jax.devices()[0].device_kind,
+    )
     if config.get("mode") == config_base.PRETRAIN:
         from fnc_jax import pretrain  # noqa: PLC0415
 

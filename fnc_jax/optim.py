@@ -102,9 +102,7 @@ def _mask_from(params, rule) -> Any:
     So a `bias` in a module without a kernel is a normalisation parameter.
     """
     with_kernel = {path[:-1] for path in _paths(params) if path[-1] == "kernel"}
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: rule(tuple(map(_key_name, path)), with_kernel), params
-    )
+    return jax.tree_util.tree_map_with_path(lambda path, _: rule(tuple(map(_key_name, path)), with_kernel), params)
 
 
 def _top_level(path: tuple[str, ...]) -> str:

@@ -18,7 +18,10 @@ from fnc_jax.evaluation import representation
 
 
 def _summary(metrics: dict[str, float]) -> str:
-    return f"contrastive loss {metrics['contrastive_loss']:.4f}"
+    line = f"contrastive loss {metrics['contrastive_loss']:.4f}"
+    if "fn_topk" in metrics:  # a false-negative schedule is on: the selection in force
+        line += f" | FN k {metrics['fn_topk']:.0f}, cos > {metrics['fn_threshold']:.3f}"
+    return line
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, start_over: bool = False) -> dict[str, Any]:

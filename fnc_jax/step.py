@@ -33,10 +33,20 @@ from jax.sharding import PartitionSpec as P
 from fnc_jax import configuration, optim, parallel
 from fnc_jax.data import augment_jax
 from fnc_jax.models import ContrastiveModel, factory
-from fnc_jax.objectives import FNConfig, dcl_loss, fnc_loss, fnc_memory_loss, hcl_loss, l2_normalize, update_memory
+from fnc_jax.objectives import (
+    FNConfig,
+    FNSchedule,
+    dcl_loss,
+    fnc_loss,
+    fnc_memory_loss,
+    hcl_loss,
+    l2_normalize,
+    update_memory,
+)
 
 EMA_MODULES = ("encoder", "projection_head")
 FN_METRICS = ("mean_num_fn", "fn_precision", "fn_recall")
+SCHEDULE_METRICS = ("fn_topk", "fn_threshold")  # the selection in force, with a false-negative schedule
 
 
 class TrainState(struct.PyTreeNode):
@@ -57,6 +67,7 @@ class StepSettings:
 
     loss: str  # the objective, `objectives.OBJECTIVES`
     fn: FNConfig
+    fn_schedule: FNSchedule | None  # None: the fixed selection from step 0
     temperature: float
     tau_plus: float  # dcl, hcl
     beta: float  # hcl
@@ -70,11 +81,12 @@ class StepSettings:
 
     @classmethod
     def from_config(
-        cls, config: ml_collections.ConfigDict, fn: FNConfig, probe: bool, num_devices: int
+        cls, config: ml_collections.ConfigDict, fn: FNConfig, probe: bool, num_devices: int, total_steps: int
     ) -> StepSettings:
         return cls(
             loss=config.loss.name,
             fn=fn,
+            fn_schedule=configuration.fn_schedule(config, total_steps),
             temperature=float(config.loss.temperature),
             tau_plus=float(config.loss.tau_plus),
             beta=float(config.loss.beta),
@@ -137,7 +149,9 @@ def augment(batch: dict[str, jax.Array], key: jax.Array, settings: StepSettings)
 def encode(model: ContrastiveModel, params: Any, batch_stats: Any, images: jax.Array) -> tuple[dict, Any]:
     """Training-mode forward pass of all views `(B, V, H, W, 3)`: (outputs over B*V rows, new BN statistics)."""
     flat = images.reshape(-1, *images.shape[2:])
-    out, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, flat, train=True, mutable=["batch_stats"])
+    out, new_vars = model.apply(
+        {"params": params, "batch_stats": batch_stats}, flat, train=True, mutable=["batch_stats"]
+    )
     return out, new_vars["batch_stats"]
 
 
@@ -171,29 +185,36 @@ def contrastive_loss(
     projection: jax.Array,
     labels: jax.Array,
     targets: Targets,
+    step: jax.Array,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The objective (`settings.loss`) per device under shard_map; (B, V, d) global inputs, global scalar outputs."""
-    s = settings
-    common = dict(temperature=s.temperature, hidden_norm=s.hidden_norm, fn=s.fn, low_memory=s.low_memory)
-    axis = parallel.DATA_AXIS
+    """The objective (`settings.loss`) per device under shard_map; (B, V, d) global inputs, global scalar outputs.
 
-    def local(z, y, *extra):
+    `step` (traced) is where the false-negative schedule, if any, is evaluated."""
+    s = settings
+    common = dict(
+        temperature=s.temperature, hidden_norm=s.hidden_norm, fn=s.fn, low_memory=s.low_memory, schedule=s.fn_schedule
+    )
+    axis = parallel.DATA_AXIS
+    names = FN_METRICS + (SCHEDULE_METRICS if s.fn_schedule is not None else ())
+
+    def local(z, y, step, *extra):
+        kwargs = dict(common, step=step)
         z = jnp.swapaxes(z, 0, 1)  # (V, B_local, d): the objective's layout
         if s.use_memory:
             e, q, ql = extra
             loss, aux = fnc_memory_loss(
-                z, jnp.swapaxes(e, 0, 1), q, axis_name=axis, labels=y, memory_labels=ql, **common
+                z, jnp.swapaxes(e, 0, 1), q, axis_name=axis, labels=y, memory_labels=ql, **kwargs
             )
         elif s.loss == "dcl":
-            loss, aux = dcl_loss(z, tau_plus=s.tau_plus, axis_name=axis, labels=y, **common)
+            loss, aux = dcl_loss(z, tau_plus=s.tau_plus, axis_name=axis, labels=y, **kwargs)
         elif s.loss == "hcl":
-            loss, aux = hcl_loss(z, tau_plus=s.tau_plus, beta=s.beta, axis_name=axis, labels=y, **common)
+            loss, aux = hcl_loss(z, tau_plus=s.tau_plus, beta=s.beta, axis_name=axis, labels=y, **kwargs)
         else:
-            loss, aux = fnc_loss(z, axis_name=axis, labels=y, **common)
-        return loss, {k: aux[k] for k in FN_METRICS}
+            loss, aux = fnc_loss(z, axis_name=axis, labels=y, **kwargs)
+        return loss, {k: aux[k] for k in names}
 
-    args = (projection, labels)
-    specs = (P(axis), P(axis))
+    args = (projection, labels, step)
+    specs = (P(axis), P(axis), P())
     if s.use_memory:
         args += (targets.ema_projection, targets.memory, targets.memory_labels)
         specs += (P(axis), P(), P())
@@ -216,6 +237,7 @@ def objective(
     images: jax.Array,
     labels: jax.Array,
     targets: Targets,
+    step: jax.Array,
     *,
     model: ContrastiveModel,
     settings: StepSettings,
@@ -224,7 +246,7 @@ def objective(
     """The training loss of the online parameters: (total, (metrics, new BN statistics))."""
     out, new_batch_stats = encode(model, params, batch_stats, images)
     projection = out["projection"].reshape(*images.shape[:2], -1)
-    contrastive, fn_metrics = contrastive_loss(settings, mesh, projection, labels, targets)
+    contrastive, fn_metrics = contrastive_loss(settings, mesh, projection, labels, targets, step)
     metrics = {"contrastive_loss": contrastive, **fn_metrics}
     total = contrastive
     if settings.probe:
@@ -271,7 +293,7 @@ def train_step(
     targets = ema_targets(ema_model, state, images, labels, settings)
     loss_fn = functools.partial(objective, model=model, settings=settings, mesh=mesh)
     (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, images, labels, targets
+        state.params, state.batch_stats, images, labels, targets, state.step
     )
     params, opt_state, ema_params, updates = apply_gradients(state, grads, tx=tx, settings=settings)
     metrics.update(
@@ -338,6 +360,7 @@ def build_step(
     replaces the config's LR schedule (tests use a constant one). With `donate_state` the step reuses
     the state's buffers: the state passed in is consumed.
     """
+    _, total_steps = optim.step_counts(config, num_train)
     if schedule is None:
         schedule, _, _ = optim.schedule_from_config(config, num_train)
     probe = bool(config.model.online_probe) and num_classes > 0
@@ -353,7 +376,7 @@ def build_step(
         params=abstract["params"],
         probe_lr_multiplier=config.optim.probe_lr_multiplier,
     )
-    settings = StepSettings.from_config(config, fn, probe, mesh.size)
+    settings = StepSettings.from_config(config, fn, probe, mesh.size, total_steps)
     replicated = parallel.replicated(mesh)
     step_fn = jax.jit(
         functools.partial(

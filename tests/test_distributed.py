@@ -160,9 +160,7 @@ def _free_port() -> int:
 
 
 def test_two_processes_cross_process_collectives():
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "TPU_", "MEGASCALE_"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "TPU_", "MEGASCALE_"))}
     env.update(
         XLA_FLAGS="--xla_force_host_platform_device_count=2",  # replaces conftest's 8
         JAX_PLATFORMS="cpu",
@@ -172,7 +170,11 @@ def test_two_processes_cross_process_collectives():
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _WORKER, address, str(i)],
-            env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for i in range(2)
     ]
@@ -192,8 +194,9 @@ def test_two_processes_cross_process_collectives():
                 p.wait()
     for i, (p, out) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"process {i} failed:\n{out}"
-    results = [json.loads(line[len("RESULT "):]) for out in outputs for line in out.splitlines()
-               if line.startswith("RESULT ")]
+    results = [
+        json.loads(line[len("RESULT ") :]) for out in outputs for line in out.splitlines() if line.startswith("RESULT ")
+    ]
     assert sorted(r["process_index"] for r in results) == [0, 1]
     for r in results:
         assert r["process_count"] == 2

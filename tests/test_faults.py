@@ -38,8 +38,13 @@ def test_sigterm_saves_at_the_next_step_and_the_restart_finishes(tmp_path, tmp_p
     log1 = tmp_path / "first.log"
     proc = runs.start(args, log1, env)
     try:
-        runs.wait_for(lambda: runs.progress_steps(log1.read_text(errors="replace")), procs=[proc],
-                      timeout=RUN_TIMEOUT, what="the first training step", log=log1)
+        runs.wait_for(
+            lambda: runs.progress_steps(log1.read_text(errors="replace")),
+            procs=[proc],
+            timeout=RUN_TIMEOUT,
+            what="the first training step",
+            log=log1,
+        )
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=RUN_TIMEOUT)
     finally:
@@ -60,8 +65,10 @@ def test_sigterm_saves_at_the_next_step_and_the_restart_finishes(tmp_path, tmp_p
     results = runs.read_json(workdir / "results.json")
     assert results["preempted"] is False and results["steps"] == TOTAL
     assert [h["step"] for h in runs.history(workdir)] == list(range(1, TOTAL + 1))
-    print(f"\nSIGTERM after step 1 was seen: stopped and saved at step {stopped}; the restart resumed there "
-          f"and finished step {TOTAL}.")
+    print(
+        f"\nSIGTERM after step 1 was seen: stopped and saved at step {stopped}; the restart resumed there "
+        f"and finished step {TOTAL}."
+    )
 
 
 def _complete_steps(workdir: pathlib.Path) -> list[int]:
@@ -94,8 +101,9 @@ def test_kill_9_during_checkpoint_saves_never_breaks_the_workdir(tmp_path, tmp_p
     log = tmp_path / "killed.log"
     proc = runs.start(args, log, env)
     try:
-        runs.wait_for(_saving_step(workdir, step), procs=[proc], timeout=RUN_TIMEOUT,
-                      what=f"a save of step >= {step}", log=log)
+        runs.wait_for(
+            _saving_step(workdir, step), procs=[proc], timeout=RUN_TIMEOUT, what=f"a save of step >= {step}", log=log
+        )
         in_flight = runs.tmp_checkpoint_dirs(workdir)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
@@ -138,27 +146,65 @@ def _no_compilation(*args, **kwargs):
     "config_name, overrides, error, message",
     [
         ("default", {"data.name": "mnist_6k"}, ValueError, "data.name='mnist_6k' is not an embedded dataset"),
-        ("default", {"data.source": "tfds", "data.name": "no_such_dataset_xyz"}, ValueError,
-         "data.name='no_such_dataset_xyz' is not a TFDS dataset"),
+        (
+            "default",
+            {"data.source": "tfds", "data.name": "no_such_dataset_xyz"},
+            ValueError,
+            "data.name='no_such_dataset_xyz' is not a TFDS dataset",
+        ),
         ("default", {"data.source": "hdf5"}, ValueError, "config.data.source='hdf5' is invalid"),
-        ("default", {"batch_size": 12}, ValueError, "config.batch_size=12 is invalid: allowed values are multiples "
-         "of the device count (8)"),
-        ("default", {"fn.support_set": "support_only"}, ValueError,
-         "config.fn.support_set='support_only' needs support views, but config.views.support_size=0"),
-        ("default", {"memory.multiplier": 1}, ValueError, "config.memory.multiplier=1 is invalid: allowed values are "
-         "0 (no memory) or integers >= the number of views V = 2"),
-        ("default", {"data.image_size": 4}, ValueError, "config.data.image_size=4 is invalid: allowed values are "
-         "integers >= 8"),
-        ("default", {"batch_size": 8000}, ValueError, "config.batch_size=8000 is invalid: the training split has "
-         "only 4000 images"),
-        ("imagenet", {"data.data_dir": "{tmp}/no_imagenet_here"}, FileNotFoundError,
-         "TFDS dataset data.name='imagenet2012' is not prepared in data.data_dir='{tmp}/no_imagenet_here'. To "
-         "prepare it once, first download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
-         "https://image-net.org/download-images into MANUAL_DIR, then run: tfds build imagenet2012 "
-         "--data_dir={tmp}/no_imagenet_here --manual_dir=MANUAL_DIR"),
+        (
+            "default",
+            {"batch_size": 12},
+            ValueError,
+            "config.batch_size=12 is invalid: allowed values are multiples of the device count (8)",
+        ),
+        (
+            "default",
+            {"fn.support_set": "support_only"},
+            ValueError,
+            "config.fn.support_set='support_only' needs support views, but config.views.support_size=0",
+        ),
+        (
+            "default",
+            {"memory.multiplier": 1},
+            ValueError,
+            "config.memory.multiplier=1 is invalid: allowed values are "
+            "0 (no memory) or integers >= the number of views V = 2",
+        ),
+        (
+            "default",
+            {"data.image_size": 4},
+            ValueError,
+            "config.data.image_size=4 is invalid: allowed values are integers >= 8",
+        ),
+        (
+            "default",
+            {"batch_size": 8000},
+            ValueError,
+            "config.batch_size=8000 is invalid: the training split has only 4000 images",
+        ),
+        (
+            "imagenet",
+            {"data.data_dir": "{tmp}/no_imagenet_here"},
+            FileNotFoundError,
+            "TFDS dataset data.name='imagenet2012' is not prepared in data.data_dir='{tmp}/no_imagenet_here'. To "
+            "prepare it once, first download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
+            "https://image-net.org/download-images into MANUAL_DIR, then run: tfds build imagenet2012 "
+            "--data_dir={tmp}/no_imagenet_here --manual_dir=MANUAL_DIR",
+        ),
     ],
-    ids=["unknown-embedded", "unknown-tfds", "unknown-source", "batch-vs-devices", "support-only-no-support",
-         "memory-below-views", "image-too-small", "batch-vs-dataset", "imagenet-not-prepared"],
+    ids=[
+        "unknown-embedded",
+        "unknown-tfds",
+        "unknown-source",
+        "batch-vs-devices",
+        "support-only-no-support",
+        "memory-below-views",
+        "image-too-small",
+        "batch-vs-dataset",
+        "imagenet-not-prepared",
+    ],
 )
 def test_bad_config_fails_before_compiling_and_names_the_field(
     tmp_path, monkeypatch, config_name, overrides, error, message
@@ -185,7 +231,9 @@ def test_cli_bad_config_exits_fast_with_the_message(tmp_path):
     code, out = runs.run(args, tmp_path / "log.txt", runs.subprocess_env(num_devices=8, cache=None), timeout=180)
     elapsed = time.monotonic() - start
     assert code == 2  # a user error: one line, no traceback
-    assert "fnc_jax: error: config.batch_size=12 is invalid: allowed values are multiples of the device count (8)" in out
+    assert (
+        "fnc_jax: error: config.batch_size=12 is invalid: allowed values are multiples of the device count (8)" in out
+    )
     assert "Traceback" not in out
     assert "Compiled (or reused) the pretrain step" not in out
     print(f"\nthe CLI failed in {elapsed:.1f} s (Python, TensorFlow and JAX imports included)")

@@ -30,8 +30,13 @@ R18 = REPO / "tests" / "golden" / "official_checkpoints" / "resnet18_w0.125" / "
 
 
 def command(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fnc_jax.import_checkpoint", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fnc_jax.import_checkpoint", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def eval_config(name: str, workdir: pathlib.Path):
@@ -60,14 +65,25 @@ def imported(tmp_path_factory) -> pathlib.Path:
 
 def test_the_workdir_holds_the_network_and_its_model_section(imported):
     config = json.loads((imported / "config.json").read_text())
-    assert config["model"] == {"depth": 18, "width_multiplier": 0.125, "stem": "imagenet", "sk_ratio": 0.0,
-                               "se_ratio": 0.0, "proj_layers": 3, "proj_out_dim": 128, "proj_hidden_dim": 0}
+    assert config["model"] == {
+        "depth": 18,
+        "width_multiplier": 0.125,
+        "stem": "imagenet",
+        "sk_ratio": 0.0,
+        "se_ratio": 0.0,
+        "proj_layers": 3,
+        "proj_out_dim": 128,
+        "proj_hidden_dim": 0,
+    }
     assert config["imported_from"] == {"tf_checkpoint": str(R18), "network": "online", "global_step": 3}
     tree = restore.read_tree_metadata(imported / "checkpoints" / "3")
     assert {k for k, v in tree.items() if v} == {"step", "params", "batch_stats"}  # nothing else is pretended
-    saved = restore.load_network(restore.find_checkpoint(eval_config("default_knn", imported).pretrained),
-                                 network="online", modules=("encoder", "projection_head"),
-                                 sharding=parallel.replicated(parallel.create_mesh()))
+    saved = restore.load_network(
+        restore.find_checkpoint(eval_config("default_knn", imported).pretrained),
+        network="online",
+        modules=("encoder", "projection_head"),
+        sharding=parallel.replicated(parallel.create_mesh()),
+    )
     _, official = tf1.load(str(R18))
     assert jax.tree.structure(saved) == jax.tree.structure(official)
     for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(official)):
@@ -79,7 +95,10 @@ def test_linear_eval_and_knn_start_from_the_imported_workdir(imported, tmp_path)
     c.total_steps = 4
     c.log_every_steps = 2
     results = evaluate.run(c, str(tmp_path / "linear"))
-    assert results["pretrained"]["step"] == 3 and results["pretrained"]["restored"] == ["params/encoder", "batch_stats/encoder"]
+    assert results["pretrained"]["step"] == 3 and results["pretrained"]["restored"] == [
+        "params/encoder",
+        "batch_stats/encoder",
+    ]
     assert results["steps"] == 4 and results["eval"]["num_examples"] == 1000
 
     c = eval_config("default_knn", imported)
@@ -88,15 +107,18 @@ def test_linear_eval_and_knn_start_from_the_imported_workdir(imported, tmp_path)
     assert results["num_train"] == 4000 and results["knn_top1_k20"] > 0.1  # chance: 0.1
 
     c.model.stem = "cifar"  # the workdir's config.json names its stem: a mismatch is refused before compiling
-    with pytest.raises(ValueError, match=r"config.model.stem='cifar' .* used the imagenet stem \(model.stem='imagenet'\)"):
+    with pytest.raises(
+        ValueError, match=r"config.model.stem='cifar' .* used the imagenet stem \(model.stem='imagenet'\)"
+    ):
         evaluate.run(c, str(tmp_path / "mismatch"))
 
 
 def test_a_checkpoint_without_projection_head_imports_for_evaluation(tmp_path):
     """SimCLR v1 releases have no projection head: proj_layers = 0, and the evaluations accept it."""
     store = official_resnet.Store(seed=0)
-    official_resnet.run(store, np.zeros((1, 32, 32, 3), np.float32), head=None, num_classes=10, depth=18,
-                        width_multiplier=0.125)
+    official_resnet.run(
+        store, np.zeros((1, 32, 32, 3), np.float32), head=None, num_classes=10, depth=18, width_multiplier=0.125
+    )
     path = official_resnet.save({**store.created, "global_step": np.int64(5)}, str(tmp_path / "v1" / "model.ckpt-5"))
     imported_workdir.import_to_workdir(path, str(tmp_path / "workdir"))
     c = eval_config("default_knn", tmp_path / "workdir")
@@ -106,7 +128,9 @@ def test_a_checkpoint_without_projection_head_imports_for_evaluation(tmp_path):
     variables, report = evaluate.initial_variables(c, factory.contrastive_model(c), source, parallel.create_mesh())
     assert report["restored"] == ["params/encoder", "batch_stats/encoder"] and report["step"] == 5
     reader = tf.train.load_checkpoint(path)
-    np.testing.assert_array_equal(variables["params"]["encoder"]["stem_conv"]["kernel"], reader.get_tensor("base_model/conv2d/kernel"))
+    np.testing.assert_array_equal(
+        variables["params"]["encoder"]["stem_conv"]["kernel"], reader.get_tensor("base_model/conv2d/kernel")
+    )
 
 
 def assert_refused(done: subprocess.CompletedProcess, message: str) -> None:
@@ -129,10 +153,15 @@ def test_the_command_refuses_what_it_cannot_map_with_status_2(imported, tmp_path
     imported_workdir.import_to_workdir(str(R18), str(workdir), network="ema")  # the momentum encoder
     assert json.loads((workdir / "config.json").read_text())["imported_from"]["network"] == "ema"
     c = eval_config("default_knn", workdir)
-    saved = restore.load_network(restore.find_checkpoint(c.pretrained), network="online", modules=("encoder",),
-                                 sharding=parallel.replicated(parallel.create_mesh()))
-    np.testing.assert_array_equal(saved["params"]["encoder"]["stem_conv"]["kernel"],
-                                  reader.get_tensor("ema_model/base_model/conv2d/kernel"))
+    saved = restore.load_network(
+        restore.find_checkpoint(c.pretrained),
+        network="online",
+        modules=("encoder",),
+        sharding=parallel.replicated(parallel.create_mesh()),
+    )
+    np.testing.assert_array_equal(
+        saved["params"]["encoder"]["stem_conv"]["kernel"], reader.get_tensor("ema_model/base_model/conv2d/kernel")
+    )
 
 
 def test_both_command_line_modules_import_into_one_process():

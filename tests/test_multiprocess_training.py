@@ -113,8 +113,10 @@ def _compare(workdir: pathlib.Path, reference: pathlib.Path, title: str) -> None
     assert [h["step"] for h in two] == [h["step"] for h in one] == list(range(1, TOTAL + 1))
     print(f"\n{title}\nstep  loss (2 processes x 4 devices)  loss (1 process x 8 devices)  rel. diff")
     for a, b in zip(two, one):
-        print(f"{a['step']:>4}  {a['loss']:.10f}                  {b['loss']:.10f}                 "
-              f"{abs(a['loss'] - b['loss']) / abs(b['loss']):.1e}")
+        print(
+            f"{a['step']:>4}  {a['loss']:.10f}                  {b['loss']:.10f}                 "
+            f"{abs(a['loss'] - b['loss']) / abs(b['loss']):.1e}"
+        )
     first_two, first_one = two[0], one[0]
     for key in first_one:  # step 1: every metric, to rounding; the discrete ones exactly
         tolerance = dict(abs=0) if key in DISCRETE else dict(rel=FIRST_STEP_RTOL, abs=1e-9)
@@ -128,8 +130,10 @@ def _compare(workdir: pathlib.Path, reference: pathlib.Path, title: str) -> None
         assert s2.keys() == s1.keys()
         assert np.array_equal(s2["['memory_labels']"], s1["['memory_labels']"])  # same images, same order
         worst = max(float(np.max(np.abs(s2[k] - s1[k]))) for k in s1 if s1[k].dtype.kind == "f")
-        print(f"state after step {step}: max |difference| over all float leaves {worst:.2e}; "
-              f"bitwise equal leaves {sum(np.array_equal(s2[k], s1[k]) for k in s1)}/{len(s1)}")
+        print(
+            f"state after step {step}: max |difference| over all float leaves {worst:.2e}; "
+            f"bitwise equal leaves {sum(np.array_equal(s2[k], s1[k]) for k in s1)}/{len(s1)}"
+        )
         if bound is not None:
             assert worst < bound, step
 
@@ -141,13 +145,15 @@ def _assert_only_process_0_writes(workdir: pathlib.Path, runs_: list[tuple[list,
     assert sorted(events) == sorted(e for procs, _ in runs_ for e in events if f".{procs[0].pid}." in e), events
     assert len(events) == len(runs_), events
     assert {"config.json", "results.json", "train_history.json", "checkpoints"} <= {p.name for p in workdir.iterdir()}
-    for procs, outputs in runs_:
+    for _, outputs in runs_:
         assert '"total_steps"' in outputs[0] and '"total_steps"' not in outputs[1]  # the summary: process 0
     for step in runs.checkpoint_steps(workdir):
         # Both processes join every save: orbax's finalisation waits for all hosts.
         done = f"[step={step}] CheckpointManager Save Finalize is done on all hosts"
-        assert any(all(f"[process={i}][thread=save_finalize]{done}" in out for i, out in enumerate(outputs))
-                   for _, outputs in runs_), step
+        assert any(
+            all(f"[process={i}][thread=save_finalize]{done}" in out for i, out in enumerate(outputs))
+            for _, outputs in runs_
+        ), step
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +167,13 @@ def preempted_pair(tmp_path_factory):
     logs = [root / f"first{i}.log" for i in range(2)]
     procs = _start_pair(workdir, logs, env)  # periodic saves at 4 and 8, plus the preemption save
     try:
-        runs.wait_for(lambda: runs.progress_steps(logs[0].read_text(errors="replace")), procs=procs,
-                      timeout=PAIR_TIMEOUT, what="the first step", log=logs[0])
+        runs.wait_for(
+            lambda: runs.progress_steps(logs[0].read_text(errors="replace")),
+            procs=procs,
+            timeout=PAIR_TIMEOUT,
+            what="the first step",
+            log=logs[0],
+        )
         procs[1].send_signal(signal.SIGTERM)
     except BaseException:
         runs.kill_all(procs)
@@ -188,8 +199,11 @@ def test_two_processes_stop_together_resume_and_match_one_process(reference, pre
     results = runs.read_json(workdir / "results.json")
     assert results["steps"] == TOTAL and results["preempted"] is False
     assert {4, TOTAL} <= set(runs.checkpoint_steps(workdir))
-    _compare(workdir, reference, f"2 processes (preempted at step {stopped}, restarted) vs 1 process, "
-                                 "same global batches and seed:")
+    _compare(
+        workdir,
+        reference,
+        f"2 processes (preempted at step {stopped}, restarted) vs 1 process, same global batches and seed:",
+    )
     _assert_only_process_0_writes(workdir, [first, second])
 
 

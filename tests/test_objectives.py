@@ -6,12 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from fnc_jax.objectives import FNConfig, false_negative_mask, fnc_loss, fnc_memory_loss, update_memory
 
 # ----------------------------------------------------------------------------------------------
-# A direct NumPy transcription of method.md §3-5 (loops over anchors; single device).
+# A direct NumPy transcription of docs/method.md §3-5 (loops over anchors; single device).
 
 
 def np_l2(x):
@@ -19,7 +20,7 @@ def np_l2(x):
 
 
 def reference_mask(queries, candidates, n, fn, labels=None, cand_labels=None):
-    """(B, C) mask from (V, B, d) queries and (C, d) candidates, per method.md §4."""
+    """(B, C) mask from (V, B, d) queries and (C, d) candidates, per docs/method.md §4."""
     v_q, b = queries.shape[:2]
     c = candidates.shape[0]
     own_views = min(v_q, c // n)
@@ -51,11 +52,7 @@ def reference_loss(h, tau=0.1, fn=FNConfig(), hidden_norm=True, labels=None):
     z = np_l2(h) if hidden_norm else h
     cand = z.reshape(v * b, -1)
     cand_labels = None if labels is None else np.tile(labels, v)
-    mask = (
-        np.zeros((b, v * b), bool)
-        if fn.mode == "none"
-        else reference_mask(z, cand, b, fn, labels, cand_labels)
-    )
+    mask = np.zeros((b, v * b), bool) if fn.mode == "none" else reference_mask(z, cand, b, fn, labels, cand_labels)
     total = 0.0
     for a in range(v):
         for i in range(b):
@@ -123,7 +120,9 @@ def test_golden_parity_with_official_implementation(golden_path):
             (loss, aux), grad = loss_and_grad(
                 hidden, jnp.float32(z["case_temperature"][i]), jnp.float32(z["case_threshold"][i])
             )
-            where = f"case {i} ({kind}, {name}, k={k}, threshold={z['case_threshold'][i]}, tau={z['case_temperature'][i]})"
+            where = (
+                f"case {i} ({kind}, {name}, k={k}, threshold={z['case_threshold'][i]}, tau={z['case_temperature'][i]})"
+            )
             np.testing.assert_array_equal(
                 np.asarray(aux["fn_mask"]).reshape(b, -1), z[f"c{i:03d}_fnmask"].astype(bool), err_msg=where
             )
@@ -134,7 +133,7 @@ def test_golden_parity_with_official_implementation(golden_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Invariants of method.md §11.
+# Invariants of docs/method.md §11.
 
 
 def test_two_views_without_fn_is_simclr_nt_xent():
@@ -422,9 +421,7 @@ def test_sharded_memory_loss_equals_single_device(fn):
         return fnc_memory_loss(x, ema, memory, fn=fn, labels=labels, memory_labels=mem_labels)
 
     def per_device(x, e, y):
-        loss, aux = fnc_memory_loss(
-            x, e, memory, fn=fn, labels=y, memory_labels=mem_labels, axis_name=MESH_AXIS
-        )
+        loss, aux = fnc_memory_loss(x, e, memory, fn=fn, labels=y, memory_labels=mem_labels, axis_name=MESH_AXIS)
         return loss, aux["fn_mask"], aux["fn_precision"]
 
     sharded = jax.shard_map(
@@ -434,7 +431,9 @@ def test_sharded_memory_loss_equals_single_device(fn):
         out_specs=(P(), P(MESH_AXIS), P()),
     )
     (l1, a1), g1 = jax.value_and_grad(single, has_aux=True)(h)
-    (l8, (mask8, prec8)), g8 = jax.value_and_grad(lambda x: (lambda o: (o[0], o[1:]))(sharded(x, ema, labels)), has_aux=True)(h)
+    (l8, (mask8, prec8)), g8 = jax.value_and_grad(
+        lambda x: (lambda o: (o[0], o[1:]))(sharded(x, ema, labels)), has_aux=True
+    )(h)
     np.testing.assert_allclose(l8, l1, rtol=1e-5)
     np.testing.assert_allclose(g8, g1, atol=1e-6)
     np.testing.assert_array_equal(mask8, a1["fn_mask"])

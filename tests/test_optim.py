@@ -47,9 +47,7 @@ def test_schedule_scalings_without_warmup():
     with pytest.raises(ValueError, match="sqrt"):
         optim.learning_rate_schedule(scaling="log", **kwargs)
     with pytest.raises(ValueError, match="warmup_steps"):
-        optim.learning_rate_schedule(
-            base_lr=0.1, batch_size=256, scaling="none", warmup_steps=10, total_steps=10
-        )
+        optim.learning_rate_schedule(base_lr=0.1, batch_size=256, scaling="none", warmup_steps=10, total_steps=10)
 
 
 def _true_paths(mask) -> set[tuple[str, ...]]:
@@ -58,9 +56,9 @@ def _true_paths(mask) -> set[tuple[str, ...]]:
 
 def test_lars_mask_selects_encoder_and_projection_kernels():
     model = ContrastiveModel(depth=18, width_multiplier=0.25, cifar_stem=True, se_ratio=0.25, num_classes=10)
-    params = jax.eval_shape(
-        functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros((2, 8, 8, 3))
-    )["params"]
+    params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros((2, 8, 8, 3)))[
+        "params"
+    ]
     flat = traverse_util.flatten_dict(params)
     kernels = {p for p in flat if p[-1] == "kernel" and p[0] in ("encoder", "projection_head")}
     mask = optim.lars_exclusion_mask(params)
@@ -85,12 +83,10 @@ def test_lars_mask_selects_encoder_and_projection_kernels():
 
 
 def test_lars_mask_leaves_out_the_supervised_head():
-    model = ClassifierModel(
-        depth=18, width_multiplier=0.25, cifar_stem=True, num_classes=10, ft_proj_selector=1
-    )
-    params = jax.eval_shape(
-        functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros((2, 8, 8, 3))
-    )["params"]
+    model = ClassifierModel(depth=18, width_multiplier=0.25, cifar_stem=True, num_classes=10, ft_proj_selector=1)
+    params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros((2, 8, 8, 3)))[
+        "params"
+    ]
     assert not any(path[0] == "head" for path in _true_paths(optim.lars_exclusion_mask(params)))
 
 
@@ -213,8 +209,9 @@ def test_probe_lr_multiplier_is_the_probe_lr_times_the_multiplier(name):
     params = _toy_params(rng)
     grads = [jax.tree.map(lambda a: rng.normal(size=a.shape), params) for _ in range(3)]
     schedule = lambda step: 0.3 - 0.1 * step  # noqa: E731
-    make = functools.partial(optim.create_optimizer, name=name, weight_decay=0.01, momentum=0.9,
-                             trust_coefficient=0.001, params=params)
+    make = functools.partial(
+        optim.create_optimizer, name=name, weight_decay=0.01, momentum=0.9, trust_coefficient=0.001, params=params
+    )
     got = _run(make(schedule=schedule, probe_lr_multiplier=0.1), params, grads)
     main = _run(make(schedule=schedule), params, grads)
     slow = _run(make(schedule=lambda step: 0.1 * schedule(step)), params, grads)
@@ -222,7 +219,9 @@ def test_probe_lr_multiplier_is_the_probe_lr_times_the_multiplier(name):
     _assert_trees_close(got["probe"], slow["probe"])
     _assert_trees_close({k: v for k, v in got.items() if k != "probe"}, {k: v for k, v in main.items() if k != "probe"})
     # The official default adds nothing to the optimiser state (old checkpoints keep their structure).
-    plain = optim.create_optimizer(name=name, schedule=schedule, weight_decay=0.01, momentum=0.9,
-                                   trust_coefficient=0.001, params=params)
+    plain = optim.create_optimizer(
+        name=name, schedule=schedule, weight_decay=0.01, momentum=0.9, trust_coefficient=0.001, params=params
+    )
     assert jax.tree.structure(make(schedule=schedule, probe_lr_multiplier=1.0).init(params)) == jax.tree.structure(
-        plain.init(params))
+        plain.init(params)
+    )

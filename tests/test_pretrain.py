@@ -14,6 +14,7 @@ import fnc_test_runs as runs  # noqa: E402
 from fnc_jax import checkpoints, config_base, configuration, errors, main, optim, pretrain  # noqa: E402
 from fnc_jax.objectives import FNConfig  # noqa: E402
 
+
 def test_pretrain_end_to_end_checkpoints_and_resume(tmp_path):
     config = runs.step_config(total_steps=4, checkpoint_every_steps=2, log_every_steps=1)
     workdir = tmp_path / "run"
@@ -89,6 +90,11 @@ def test_a_run_written_before_a_field_existed_resumes_while_it_is_at_its_default
         ({"loss.beta": -1.0}, "loss.beta"),
         ({"loss.name": "dcl", "fn.mode": "attraction"}, "fn.mode"),  # DCL / HCL: elimination or none
         ({"loss.name": "hcl", "fn.mode": "none", "memory.multiplier": 4}, "memory.multiplier"),  # in-batch only
+        ({"fn.start_fraction": 1.5}, "fn.start_fraction"),
+        ({"fn.start_fraction": 0.6, "fn.ramp_fraction": 0.6}, "fn.ramp_fraction"),  # the ramp ends after the run
+        ({"fn.ramp_fraction": 0.5, "fn.ramp_from_topk": 4}, "fn.ramp_from_topk"),  # above fn.topk = 3
+        ({"fn.ramp_fraction": 0.5, "fn.ramp_from_threshold": float("inf")}, "fn.ramp_from_threshold"),
+        ({"fn.mode": "none", "fn.start_fraction": 0.5}, "fn.start_fraction"),  # nothing to schedule
     ],
 )
 def test_invalid_configs_name_the_field(overrides, field):
@@ -110,14 +116,19 @@ def test_official_config_is_valid_and_official():
 
 def test_the_command_line_turns_user_errors_into_one_line_and_status_2(monkeypatch, capsys):
     def bad_value(argv):
-        raise errors.ConfigError("config.fn.mode='attract' is invalid: allowed values are attraction, elimination, none.")
+        raise errors.ConfigError(
+            "config.fn.mode='attract' is invalid: allowed values are attraction, elimination, none."
+        )
 
     monkeypatch.setattr(main, "run", bad_value)
     with pytest.raises(SystemExit) as exit_info:
         main.main(["fnc_jax.main"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err == "fnc_jax: error: config.fn.mode='attract' is invalid: allowed values are attraction, elimination, none.\n"
+    assert (
+        err
+        == "fnc_jax: error: config.fn.mode='attract' is invalid: allowed values are attraction, elimination, none.\n"
+    )
 
     def bug(argv):
         raise KeyError("a bug")
@@ -130,6 +141,7 @@ def test_the_command_line_turns_user_errors_into_one_line_and_status_2(monkeypat
 def test_an_unusable_workdir_is_a_user_error(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(errors.ConfigError, match=r"--workdir='.*a_file/run' is invalid .* allowed are writable directories"):
+    with pytest.raises(
+        errors.ConfigError, match=r"--workdir='.*a_file/run' is invalid .* allowed are writable directories"
+    ):
         checkpoints.record_config(blocker / "run", runs.step_config().to_dict(), start_over=False)
-

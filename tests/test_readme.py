@@ -24,8 +24,12 @@ def test_using_the_loss_example_runs():
         capture_output=True,
         text=True,
         timeout=600,
-        env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-             "PYTHONPATH": str(REPO)},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+            "PYTHONPATH": str(REPO),
+        },
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FN precision" in result.stdout and "memory loss" in result.stdout and "HCL + elimination" in result.stdout

@@ -52,11 +52,11 @@ def test_resume_is_exact(resumed):
     straight, interrupted = resumed["straight"], resumed["interrupted"]
     assert runs.checkpoint_steps(straight) == [4, TOTAL]
     assert runs.checkpoint_steps(interrupted) == [STOP_AT, 4, TOTAL]
-    for step in (4, TOTAL):  # the periodic checkpoints of both runs (the resumed one crosses step 4)
-        a, b = runs.load_checkpoint(straight, step), runs.load_checkpoint(interrupted, step)
+    for at in (4, TOTAL):  # the periodic checkpoints of both runs (the resumed one crosses step 4)
+        a, b = runs.load_checkpoint(straight, at), runs.load_checkpoint(interrupted, at)
         assert a.keys() == b.keys()
         different = [k for k in a if not np.array_equal(a[k], b[k])]
-        assert not different, f"step {step}: {len(different)} leaves differ, e.g. {different[:5]}"
+        assert not different, f"step {at}: {len(different)} leaves differ, e.g. {different[:5]}"
 
     final = runs.load_checkpoint(interrupted, TOTAL)
     # Memory + EMA mode really is on: a full queue with labels, an EMA that lags the online network,

@@ -12,8 +12,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent / "helpers"))
 import fnc_test_runs as runs  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from fnc_jax import checkpoints, configuration, parallel, step  # noqa: E402
+from fnc_jax import checkpoints, configuration, parallel, pretrain, step  # noqa: E402
 from fnc_jax.data import augment_jax  # noqa: E402
+from fnc_jax.objectives import FNSchedule  # noqa: E402
+
 
 def _random_batch(config, seed=0):
     rng = np.random.default_rng(seed)
@@ -121,3 +123,31 @@ def test_each_objective_trains_on_8_devices_and_resumes_exactly(overrides, tmp_p
         assert {k: np.asarray(v).tolist() for k, v in a.items()} == {k: np.asarray(v).tolist() for k, v in b.items()}
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_false_negative_schedule_runs_in_one_compiled_step():
+    """8 steps on 8 devices with cancellation from step 2 and k ramped 1 -> 3 over steps 2..6: the logged k,
+    nothing selected before the start, and the one executable serving every step (the step is traced)."""
+    config = runs.step_config(
+        **{
+            "total_steps": 8,
+            "fn.start_fraction": 0.25,
+            "fn.ramp_fraction": 0.5,
+            "fn.ramp_from_topk": 1,
+            "fn.ramp_from_threshold": 0.0,
+        }
+    )
+    fn = configuration.validate_pretrain(config, num_devices=8)
+    mesh = parallel.create_mesh(jax.devices()[:8])
+    program = step.build_step(config, fn, mesh, num_classes=3, num_train=16, schedule=optax.constant_schedule(0.05))
+    assert program.settings.fn_schedule == FNSchedule(start_step=2, ramp_steps=4, from_topk=1, from_threshold=0.0)
+    state, batch = program.initial_state(), parallel.global_batch(_random_batch(config), mesh)
+    metrics = []
+    for _ in range(8):
+        state, m = program.step_fn(state, batch)
+        metrics.append(jax.device_get(m))
+    assert [int(m["fn_topk"]) for m in metrics] == [0, 0, 1, 2, 2, 3, 3, 3]  # 1 + 2 * (step - 2) / 4, rounded half up
+    assert [float(m["mean_num_fn"]) for m in metrics[:2]] == [0.0, 0.0]
+    assert all(0 < float(m["mean_num_fn"]) <= int(m["fn_topk"]) for m in metrics[2:])
+    assert program.step_fn._cache_size() == 1
+    assert "FN k 3, cos > 0.000" in pretrain._summary({k: float(v) for k, v in metrics[-1].items()})

@@ -3,7 +3,7 @@
 Every random draw is a `tf.random.stateless_*` draw from sub-seeds of the `seed` argument (a shape-(2,)
 int32/int64 tensor), so a view is a pure function of (image, seed): a resumed run that replays the same
 seeds rebuilds exactly the same views. The semantics are those of the official FNC / SimCLR v2 pipeline
-(training_recipe.md §2 and §7), including its quirks (§9.2). All functions work in graph mode on images
+(docs/training_recipe.md §2 and §7), including its quirks (§9.2). All functions work in graph mode on images
 of dynamic height and width; images are (H, W, 3).
 """
 
@@ -12,16 +12,13 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
+from fnc_jax.data import randaugment_policy as policy
+
 # The whole image as the only "object" box: `min_object_covered` then bounds the crop area from below.
 _WHOLE_IMAGE = (((0.0, 0.0, 1.0, 1.0),),)
-_GRAY = 128  # fill value of RandAugment's geometric ops and cutout
-_MAX_LEVEL = 10.0
 
-# RandAugment's op list, in the order of the TPU-models EfficientNet `autoaugment` module.
-RAND_AUGMENT_OPS = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "Color", "Contrast",
-    "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY", "Cutout", "SolarizeAdd",
-)
+
+RAND_AUGMENT_OPS = policy.OPS
 
 
 # These functions use explicit tf.cond / tf.switch_case and no Python control flow on tensors, so
@@ -116,9 +113,7 @@ def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 
 
 @_plain_tf
-def crop_and_flip(
-    image_shape: tf.Tensor, seed: tf.Tensor, *, area_range: Sequence[float] = (0.08, 1.0)
-) -> tf.Tensor:
+def crop_and_flip(image_shape: tf.Tensor, seed: tf.Tensor, *, area_range: Sequence[float] = (0.08, 1.0)) -> tf.Tensor:
     """int32 (top, left, height, width, flip) of a pretraining view: `pretrain_view`'s own draws.
 
     The crop box comes from the same sub-seed and sampler, and `flip` is 1 exactly when
@@ -152,9 +147,7 @@ def fit_canvas(image: tf.Tensor, canvas_size: int) -> tuple[tf.Tensor, tf.Tensor
 
 
 @_plain_tf
-def random_apply(
-    fn: Callable[[tf.Tensor], tf.Tensor], image: tf.Tensor, seed: tf.Tensor, p: float
-) -> tf.Tensor:
+def random_apply(fn: Callable[[tf.Tensor], tf.Tensor], image: tf.Tensor, seed: tf.Tensor, p: float) -> tf.Tensor:
     """`fn(image)` with probability `p`, else `image`; `seed` draws only the coin.
 
     `fn` runs without AutoGraph (like everything here), so it must use TF control flow explicitly.
@@ -269,7 +262,7 @@ def _affine(image: tf.Tensor, transform: Sequence[tf.Tensor | float]) -> tf.Tens
         images=image[tf.newaxis],
         transforms=transform,
         output_shape=tf.shape(image)[:2],
-        fill_value=float(_GRAY),
+        fill_value=float(policy.GRAY),
         interpolation="NEAREST",
         fill_mode="CONSTANT",
     )[0]
@@ -296,28 +289,27 @@ def _cutout(image: tf.Tensor, seed: tf.Tensor, half_size: int) -> tf.Tensor:
     in_rows = (rows >= cy - half_size) & (rows < cy + half_size)
     in_cols = (cols >= cx - half_size) & (cols < cx + half_size)
     inside = (in_rows[:, tf.newaxis] & in_cols[tf.newaxis, :])[:, :, tf.newaxis]
-    return tf.where(inside, tf.constant(_GRAY, tf.uint8), image)
+    return tf.where(inside, tf.constant(policy.GRAY, tf.uint8), image)
 
 
 @_plain_tf
-def rand_augment_op(
-    image: tf.Tensor, index: int | tf.Tensor, seed: tf.Tensor, *, magnitude: int = 7
-) -> tf.Tensor:
+def rand_augment_op(image: tf.Tensor, index: int | tf.Tensor, seed: tf.Tensor, *, magnitude: int = 7) -> tf.Tensor:
     """Applies op `RAND_AUGMENT_OPS[index]` at `magnitude` (of 10) to a uint8 image; `seed` draws the
     sign of signed arguments (positive with p = 0.5) and the cutout centre.
 
     Arguments at magnitude 7: rotate ±21°, posterize 2 bits, solarize 179, solarize-add +77 below 128,
     enhance factor 1.36, shear ±0.21, translate ±70 px, cutout half-size 28.
     """
-    level = magnitude / _MAX_LEVEL
+    args = policy.arguments(magnitude)
+    level = args.level
     sign_seed, cutout_seed = _split(seed, 2)
     sign = tf.where(_uniform(sign_seed, 0.0, 1.0) < 0.5, -1.0, 1.0)
-    enhance = level * 1.8 + 0.1
-    shear = sign * level * 0.3
-    shift = sign * level * 100.0
-    bits = int(level * 4)
-    threshold = int(level * 256)
-    addition = int(level * 110)
+    enhance = args.enhance
+    shear = sign * level * args.shear_scale
+    shift = sign * level * args.translate_scale
+    bits = args.posterize_bits
+    threshold = args.solarize_threshold
+    addition = args.solarize_addition
 
     def posterize() -> tf.Tensor:
         drop = 8 - bits
@@ -331,7 +323,7 @@ def rand_augment_op(
         "AutoContrast": lambda: _autocontrast(image),
         "Equalize": lambda: _equalize(image),
         "Invert": lambda: 255 - image,
-        "Rotate": lambda: _rotate(image, sign * level * 30.0),
+        "Rotate": lambda: _rotate(image, sign * level * args.rotate_scale),
         "Posterize": posterize,
         "Solarize": lambda: tf.where(image < threshold, image, 255 - image),
         "Color": lambda: _blend(tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image)), image, enhance),
@@ -342,7 +334,7 @@ def rand_augment_op(
         "ShearY": lambda: _affine(image, [1.0, 0.0, 0.0, shear, 1.0, 0.0, 0.0, 0.0]),
         "TranslateX": lambda: _affine(image, [1.0, 0.0, shift, 0.0, 1.0, 0.0, 0.0, 0.0]),
         "TranslateY": lambda: _affine(image, [1.0, 0.0, 0.0, 0.0, 1.0, shift, 0.0, 0.0]),
-        "Cutout": lambda: _cutout(image, cutout_seed, int(level * 40)),
+        "Cutout": lambda: _cutout(image, cutout_seed, args.cutout_half_size),
         "SolarizeAdd": solarize_add,
     }
     index = tf.convert_to_tensor(index, tf.int32)
@@ -359,9 +351,7 @@ def rand_augment(image: tf.Tensor, seed: tf.Tensor, *, num_layers: int = 2, magn
     image = tf.image.convert_image_dtype(image, tf.uint8, saturate=True)
     for layer_seed in _split(seed, num_layers):
         op_seed, arg_seed = _split(layer_seed, 2)
-        index = tf.random.stateless_uniform(
-            [], op_seed, minval=0, maxval=len(RAND_AUGMENT_OPS), dtype=tf.int32
-        )
+        index = tf.random.stateless_uniform([], op_seed, minval=0, maxval=len(RAND_AUGMENT_OPS), dtype=tf.int32)
         image = rand_augment_op(image, index, arg_seed, magnitude=magnitude)
     return tf.image.convert_image_dtype(image, tf.float32)
 

@@ -3,7 +3,7 @@
 Each per-image op is `(image (H, W, 3) float32 in [0, 1], key) -> image`; the `batch_*` forms vmap it
 over per-image keys from `jax.random.split(key, N)`. The colour ops match the host ops in `augment.py`
 (TensorFlow's `adjust_*` kernels), so moving colour work onto the accelerator changes where it runs,
-not what it computes. Blur is always done here, batched over one view tensor (training_recipe.md §2.5).
+not what it computes. Blur is always done here, batched over one view tensor (docs/training_recipe.md §2.5).
 With `augment.crop_on_device` the views themselves are cut here too (`crop_resize`: TF1's legacy
 bicubic resize of the host's crop boxes, on canvases of the decoded images).
 """
@@ -30,9 +30,7 @@ def rgb_to_hsv(rgb: jax.Array) -> jax.Array:
     spread = value - jnp.min(rgb, axis=-1)
     saturation = jnp.where(value > 0, spread / jnp.where(value > 0, value, 1.0), 0.0)
     safe = jnp.where(spread > 0, spread, 1.0)
-    hue = jnp.where(
-        r == value, (g - b) / safe, jnp.where(g == value, (b - r) / safe + 2.0, (r - g) / safe + 4.0)
-    )
+    hue = jnp.where(r == value, (g - b) / safe, jnp.where(g == value, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
     hue = jnp.where(spread > 0, jnp.mod(hue / 6.0, 1.0), 0.0)
     return jnp.stack([hue, saturation, value], axis=-1)
 
@@ -124,9 +122,7 @@ def _per_image(op, images: jax.Array, key: jax.Array, **kwargs) -> jax.Array:
     return jax.vmap(functools.partial(op, **kwargs))(images, keys)
 
 
-def batch_color_jitter(
-    images: jax.Array, key: jax.Array, *, strength: float = 1.0, p: float = 0.8
-) -> jax.Array:
+def batch_color_jitter(images: jax.Array, key: jax.Array, *, strength: float = 1.0, p: float = 0.8) -> jax.Array:
     """`color_jitter` on (N, H, W, 3) with an independent draw per image."""
     return _per_image(color_jitter, images, key, strength=strength, p=p)
 
@@ -163,9 +159,7 @@ def _blur_along(images: jax.Array, kernels: jax.Array, axis: int, padding: str) 
     padded = jnp.pad(images, pad, mode="constant" if padding == "zeros" else "reflect")
     size = images.shape[axis]
     weights = kernels[:, :, None, None, None]  # (N, taps, 1, 1, 1)
-    return sum(
-        weights[:, t] * jax.lax.slice_in_dim(padded, t, t + size, axis=axis) for t in range(taps)
-    )
+    return sum(weights[:, t] * jax.lax.slice_in_dim(padded, t, t + size, axis=axis) for t in range(taps))
 
 
 def gaussian_blur(
@@ -280,9 +274,7 @@ def pretrain_device_augment(
     → solarize (if solarize_p > 0). Then blur (p 0.5) if `blur`.
     """
     if solarize_p > 0 and not color_on_device:
-        raise ValueError(
-            "solarize_p > 0 requires color_on_device=True (solarization follows the device colour ops)"
-        )
+        raise ValueError("solarize_p > 0 requires color_on_device=True (solarization follows the device colour ops)")
     color_key, gray_key, solarize_key, blur_key = jax.random.split(key, 4)
     if color_on_device:
         images = batch_color_jitter(images, color_key, strength=color_strength)

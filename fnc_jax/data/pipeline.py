@@ -43,8 +43,10 @@ def canvas_size(config: ml_collections.ConfigDict, image_shape: tuple[int, ...] 
         return size
     if image_shape is None:
         raise check.invalid(
-            "augment.canvas_size", 0, "a positive side for sources whose image sizes vary, e.g. 512 (ImageNet; "
-            "larger images are shrunk to fit); 0 only for fixed-size sources"
+            "augment.canvas_size",
+            0,
+            "a positive side for sources whose image sizes vary, e.g. 512 (ImageNet; "
+            "larger images are shrunk to fit); 0 only for fixed-size sources",
         )
     return max(image_shape[:2])
 
@@ -75,9 +77,7 @@ def pretrain_iterator(
             ]
             return {"images": canvas, "crops": tf.stack(crops), "labels": label}
 
-        return _train_batches(
-            config, config.data.train_split, process_index, process_count, start_step, canvas_example
-        )
+        return _train_batches(config, config.data.train_split, process_index, process_count, start_step, canvas_example)
 
     def view(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         return augment.pretrain_view(
@@ -105,9 +105,7 @@ def pretrain_iterator(
         )
         return {"images": views, "labels": label}
 
-    return _train_batches(
-        config, config.data.train_split, process_index, process_count, start_step, make_example
-    )
+    return _train_batches(config, config.data.train_split, process_index, process_count, start_step, make_example)
 
 
 def supervised_iterator(
@@ -149,9 +147,7 @@ def eval_iterator(
     per_host = _per_host_batch(batch_size or config.batch_size, process_count)
     largest_shard = max(sources.shard_sizes(config.data, split, process_count))
     num_batches = -(-largest_shard // per_host)
-    encoded = sources.load_encoded_split(
-        config.data, split, process_index=process_index, process_count=process_count
-    )
+    encoded = sources.load_encoded_split(config.data, split, process_index=process_index, process_count=process_count)
     size = config.data.image_size
 
     def preprocess(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -181,9 +177,7 @@ def _view_seed(seed: tf.Tensor, view: int | tf.Tensor) -> tf.Tensor:
 
 def _per_host_batch(global_batch: int, process_count: int) -> int:
     if global_batch % process_count:
-        raise errors.ConfigError(
-            f"batch_size={global_batch} must be divisible by the process count ({process_count})."
-        )
+        raise errors.ConfigError(f"batch_size={global_batch} must be divisible by the process count ({process_count}).")
     return global_batch // process_count
 
 
@@ -204,9 +198,7 @@ def _train_batches(
 ) -> Iterator[Batch]:
     """Shuffled, repeated, augmented, batched stream; `make_example(image, label, seed)` augments."""
     per_host = _per_host_batch(config.batch_size, process_count)
-    encoded = sources.load_encoded_split(
-        config.data, split, process_index=process_index, process_count=process_count
-    )
+    encoded = sources.load_encoded_split(config.data, split, process_index=process_index, process_count=process_count)
     if encoded.num_examples == 0:
         raise errors.ConfigError(f"split {split!r} has no examples for process {process_index}.")
     buffer_size = config.data.get("shuffle_buffer") or 10 * per_host

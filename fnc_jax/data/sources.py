@@ -95,10 +95,7 @@ def shard_sizes(data_config: ml_collections.ConfigDict, split: str, process_coun
     """Number of examples each process reads from `split`; lets processes agree on step counts."""
     if _check_source(data_config) == "tfds":
         builder = _prepared_builder(data_config)
-        return [
-            _tfds_split_info(builder, shard).num_examples
-            for shard in tfds.even_splits(split, n=process_count)
-        ]
+        return [_tfds_split_info(builder, shard).num_examples for shard in tfds.even_splits(split, n=process_count)]
     total = len(_load_own_split(data_config, split)[1])
     return [len(range(index, total, process_count)) for index in range(process_count)]
 
@@ -122,9 +119,7 @@ def load_split(
     data_config: ml_collections.ConfigDict, split: str, *, process_index: int, process_count: int
 ) -> tf.data.Dataset:
     """This process's shard of `split` as `{'image': uint8 (H, W, 3), 'label': int32}`, fixed order."""
-    encoded = load_encoded_split(
-        data_config, split, process_index=process_index, process_count=process_count
-    )
+    encoded = load_encoded_split(data_config, split, process_index=process_index, process_count=process_count)
     return encoded.dataset.map(
         lambda ex: {"image": encoded.decode_image(ex["image"]), "label": ex["label"]},
         num_parallel_calls=tf.data.AUTOTUNE,
@@ -216,9 +211,7 @@ def _folder_split_dir(data_config: ml_collections.ConfigDict, split: str) -> str
 
 def _class_dirs(split_dir: str) -> list[str]:
     return sorted(
-        name.rstrip("/")
-        for name in tf.io.gfile.listdir(split_dir)
-        if tf.io.gfile.isdir(os.path.join(split_dir, name))
+        name.rstrip("/") for name in tf.io.gfile.listdir(split_dir) if tf.io.gfile.isdir(os.path.join(split_dir, name))
     )
 
 
@@ -246,9 +239,7 @@ def _folder_files(
         class_dir = os.path.join(split_dir, name)
         if not tf.io.gfile.isdir(class_dir):
             continue
-        files = sorted(
-            f for f in tf.io.gfile.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        files = sorted(f for f in tf.io.gfile.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
         paths += [os.path.join(class_dir, f) for f in files]
         labels += [label] * len(files)
     order = _fixed_order(len(paths))

@@ -112,7 +112,9 @@ def make_hparams(*, learning_rate: float, weight_decay: float, warmup_steps: int
     return {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
 
 
-def hparams_from_config(config: ml_collections.ConfigDict, num_train: int, *, base_lr: float, weight_decay: float) -> dict:
+def hparams_from_config(
+    config: ml_collections.ConfigDict, num_train: int, *, base_lr: float, weight_decay: float
+) -> dict:
     """The state's hyper-parameters for a run on `num_train` examples: the peak LR scaled by
     `optim.lr_scaling` of the global batch, and the run's warm-up and total steps (`optim.step_counts`)."""
     warmup, total = optim.step_counts(config, num_train)
@@ -206,7 +208,12 @@ def eval_step(params, batch_stats, batch: dict, *, model) -> dict[str, jax.Array
     top1, top5 = _topk_hits(logits, batch["labels"])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     mask = batch["mask"]
-    return {"top1": jnp.sum(top1 * mask), "top5": jnp.sum(top5 * mask), "loss": jnp.sum(loss * mask), "count": jnp.sum(mask)}
+    return {
+        "top1": jnp.sum(top1 * mask),
+        "top5": jnp.sum(top5 * mask),
+        "loss": jnp.sum(loss * mask),
+        "count": jnp.sum(mask),
+    }
 
 
 @functools.cache
@@ -230,7 +237,10 @@ def evaluate(
     """Top-1 / top-5 accuracy (fractions) and mean loss on `split`, padding excluded (§7)."""
     step = compiled_eval_step(model, mesh)
     batches = pipeline.eval_iterator(
-        config, split=split, process_index=jax.process_index(), process_count=jax.process_count(),
+        config,
+        split=split,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
         batch_size=config.eval.batch_size,
     )
     totals = {"top1": 0.0, "top5": 0.0, "loss": 0.0, "count": 0.0}
@@ -281,7 +291,10 @@ def train(
         state=state,
         step_fn=compiled_train_step(model, protocol, mesh),
         batches=lambda start: pipeline.supervised_iterator(
-            config, split=train_split, process_index=jax.process_index(), process_count=jax.process_count(),
+            config,
+            split=train_split,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
             start_step=start,
         ),
         mesh=mesh,

@@ -57,7 +57,11 @@ class _Meter:
             return
         elapsed = max(time.time() - self.start, 1e-9)
         rate = done * self.batch_size / elapsed
-        eta = "" if self.total is None else f" | ETA {time.strftime('%H:%M:%S', time.gmtime((self.total - done) * elapsed / done))}"
+        eta = (
+            ""
+            if self.total is None
+            else f" | ETA {time.strftime('%H:%M:%S', time.gmtime((self.total - done) * elapsed / done))}"
+        )
         line = f"{self.what}: batch {done}{'' if self.total is None else f'/{self.total}'} | {rate:.1f} img/s{eta}"
         console.say(line)
 
@@ -87,7 +91,9 @@ def extract(
     i = 0
     for i, host in enumerate(batches, 1):
         batch = parallel.global_batch(host, mesh)
-        got = _gather({"x": _forward(model, variables, batch["images"], output), "y": batch["labels"], "m": batch["mask"]})
+        got = _gather(
+            {"x": _forward(model, variables, batch["images"], output), "y": batch["labels"], "m": batch["mask"]}
+        )
         outs.append(got["x"])
         labels.append(got["y"])
         masks.append(got["m"])
@@ -113,9 +119,7 @@ def view_batches(
         view_config.batch_size = batch_size
         view_config.data.train_split = split
         view_config.views = ml_collections.ConfigDict({"support_size": num_views - 2})
-    return pipeline.pretrain_iterator(
-        view_config, process_index=jax.process_index(), process_count=jax.process_count()
-    )
+    return pipeline.pretrain_iterator(view_config, process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def view_projections(

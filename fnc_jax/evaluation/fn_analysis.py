@@ -2,7 +2,7 @@
 
 The analysis mimics training: the N labelled samples are cut into consecutive global batches of
 `batch_size` samples (an incomplete last batch is dropped, as training drops it), and each anchor looks
-for false negatives among the V views of the samples of its own global batch (method.md §4). A selected
+for false negatives among the V views of the samples of its own global batch (docs/method.md §4). A selected
 column is a *true* false negative when its label equals the anchor's. Precision (the share of selected
 columns that are true, the paper's "identification accuracy", ~40% on ImageNet) and recall (the share of
 same-label columns that are selected) come from exact integer counts.
@@ -102,8 +102,13 @@ def _rates(num_true: int, num_selected: int, num_same: int, num_anchors: int) ->
 def _selection_counter(fn: FNConfig, batch_size: int) -> CountFn:
     def count(queries, candidates, anchor_labels, candidate_labels, offset):
         mask = false_negative_mask(
-            queries, candidates, fn=fn, num_samples=batch_size, sample_offset=offset,
-            labels=anchor_labels, candidate_labels=candidate_labels,
+            queries,
+            candidates,
+            fn=fn,
+            num_samples=batch_size,
+            sample_offset=offset,
+            labels=anchor_labels,
+            candidate_labels=candidate_labels,
         )
         _, same = _same_label_columns(anchor_labels, candidate_labels, offset, batch_size)
         return {"selected": jnp.sum(mask), "true": jnp.sum(mask & same), "same": jnp.sum(same)}
@@ -153,9 +158,7 @@ def sweep(
     if support_sizes is None:
         support_sizes = sorted(set(range(0, num_views - 1, 2)) | {num_views - 2})
     if any(s < 0 or s > num_views - 2 for s in support_sizes):
-        raise ValueError(
-            f"support_sizes={support_sizes} must lie in [0, {num_views - 2}] for V={num_views} views."
-        )
+        raise ValueError(f"support_sizes={support_sizes} must lie in [0, {num_views - 2}] for V={num_views} views.")
     topks, thresholds, aggregations = tuple(topks), tuple(thresholds), tuple(aggregations)
     for aggregation in aggregations:
         if aggregation not in AGGREGATIONS:
@@ -165,7 +168,10 @@ def sweep(
         views = 2 + support_size
         counts = _sum_over_batches(
             _grid_counter(topks, thresholds, aggregations, views, batch_size),
-            embeddings[:views], labels, batch_size, anchor_batch_size,
+            embeddings[:views],
+            labels,
+            batch_size,
+            anchor_batch_size,
         )
         for ai, aggregation in enumerate(aggregations):
             for ki, topk in enumerate(topks + (None,)):
@@ -173,21 +179,30 @@ def sweep(
                     if topk is None and threshold is None:
                         continue
                     selection = (
-                        "topk_and_threshold" if topk is not None and threshold is not None
-                        else "topk" if threshold is None else "threshold"
+                        "topk_and_threshold"
+                        if topk is not None and threshold is not None
+                        else "topk"
+                        if threshold is None
+                        else "threshold"
                     )
-                    rows.append({
-                        "support_size": support_size,
-                        "num_views": views,
-                        "support_set": "all_views",
-                        "aggregation": aggregation,
-                        "selection": selection,
-                        "topk": topk,
-                        "threshold": threshold,
-                        "batch_size": batch_size,
-                        **_rates(counts["true"][ai, ki, ti], counts["selected"][ai, ki, ti],
-                                 counts["same"], counts["num_anchors"]),
-                    })
+                    rows.append(
+                        {
+                            "support_size": support_size,
+                            "num_views": views,
+                            "support_set": "all_views",
+                            "aggregation": aggregation,
+                            "selection": selection,
+                            "topk": topk,
+                            "threshold": threshold,
+                            "batch_size": batch_size,
+                            **_rates(
+                                counts["true"][ai, ki, ti],
+                                counts["selected"][ai, ki, ti],
+                                counts["same"],
+                                counts["num_anchors"],
+                            ),
+                        }
+                    )
     return rows
 
 
@@ -229,9 +244,7 @@ def _grid_counter(
         own, same = _same_label_columns(anchor_labels, candidate_labels, offset, batch_size)
         per_view = jnp.einsum("uad,cd->uac", queries, candidates)
         aggregated = {"max": per_view.max(0), "mean": per_view.mean(0)}
-        selected, true = zip(
-            *(cells(jnp.where(own, -jnp.inf, aggregated[a]), same) for a in aggregations)
-        )
+        selected, true = zip(*(cells(jnp.where(own, -jnp.inf, aggregated[a]), same) for a in aggregations))
         return {"selected": jnp.stack(selected), "true": jnp.stack(true), "same": jnp.sum(same)}
 
     return count
@@ -305,20 +318,35 @@ def write_report(
         for aggregation in styles:
             for threshold in thresholds:
                 line = sorted(
-                    (r for r in topk_rows if r["support_size"] == support_size
-                     and r["aggregation"] == aggregation and r["threshold"] == threshold),
+                    (
+                        r
+                        for r in topk_rows
+                        if r["support_size"] == support_size
+                        and r["aggregation"] == aggregation
+                        and r["threshold"] == threshold
+                    ),
                     key=lambda r: r["topk"],
                 )
                 for ax, metric in zip(axes, ("precision", "recall")):
                     # Precision is undefined (0 in the table) where nothing is selected: not drawn.
                     points = [r for r in line if metric == "recall" or r["num_selected"]]
-                    ax.plot([r["topk"] for r in points], [r[metric] for r in points], marker="o",
-                            linestyle=styles[aggregation], color=colours[threshold],
-                            label=f"{aggregation}, θ={'none' if threshold is None else threshold}")
+                    ax.plot(
+                        [r["topk"] for r in points],
+                        [r[metric] for r in points],
+                        marker="o",
+                        linestyle=styles[aggregation],
+                        color=colours[threshold],
+                        label=f"{aggregation}, θ={'none' if threshold is None else threshold}",
+                    )
         ks = sorted({r["topk"] for r in topk_rows})
         for ax, metric in zip(axes, ("precision", "recall")):
-            ax.set(xlabel="k (top-k columns)", ylabel=metric, xscale="symlog", ylim=(0, 1.02),
-                   title=f"FN identification {metric}, S={support_size} (V={support_size + 2})")
+            ax.set(
+                xlabel="k (top-k columns)",
+                ylabel=metric,
+                xscale="symlog",
+                ylim=(0, 1.02),
+                title=f"FN identification {metric}, S={support_size} (V={support_size + 2})",
+            )
             ax.set_xticks(ks, [str(k) for k in ks], minor=False)
             ax.minorticks_off()
             ax.grid(alpha=0.3)
@@ -332,10 +360,19 @@ def write_report(
     for name, colour in (("different_label", "C0"), ("same_label", "C3")):
         counts = np.asarray(histograms[name], np.float64)
         density = counts / max(counts.sum(), 1) / np.diff(edges)
-        ax.stairs(density, edges, fill=True, alpha=0.45, color=colour,
-                  label=f"{name.replace('_', ' ')} ({int(counts.sum())} columns)")
-    ax.set(xlabel="max-over-views cosine score", ylabel="density",
-           title="Candidate scores: same label (true FN) vs different label")
+        ax.stairs(
+            density,
+            edges,
+            fill=True,
+            alpha=0.45,
+            color=colour,
+            label=f"{name.replace('_', ' ')} ({int(counts.sum())} columns)",
+        )
+    ax.set(
+        xlabel="max-over-views cosine score",
+        ylabel="density",
+        title="Candidate scores: same label (true FN) vs different label",
+    )
     ax.legend()
     paths.append(out_dir / "fn_similarity_histogram.png")
     fig.savefig(paths[-1], dpi=100)

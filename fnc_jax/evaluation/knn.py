@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DEFAULT_KS = (20, 200)
 DEFAULT_TEMPERATURE = 0.07
@@ -88,18 +89,14 @@ def _top_neighbours(
     return top_sims, top_labels
 
 
-def _vote(
-    sims: jnp.ndarray, labels: jnp.ndarray, *, num_classes: int, temperature: float
-) -> jnp.ndarray:
+def _vote(sims: jnp.ndarray, labels: jnp.ndarray, *, num_classes: int, temperature: float) -> jnp.ndarray:
     """Class scores (B, num_classes): per class, the sum of exp(sim / T) over the given neighbours."""
     weights = jnp.exp(sims / temperature)  # exp(-inf) = 0 for masked neighbours
     rows = jnp.arange(sims.shape[0])[:, None]
     return jnp.zeros((sims.shape[0], num_classes), jnp.float32).at[rows, labels].add(weights)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("num_classes", "k", "temperature", "train_chunk_size")
-)
+@functools.partial(jax.jit, static_argnames=("num_classes", "k", "temperature", "train_chunk_size"))
 def knn_predict_scores(
     test_features: jnp.ndarray,
     train_features: jnp.ndarray,
@@ -119,9 +116,7 @@ def knn_predict_scores(
     if train_mask is None:
         train_mask = jnp.ones(train_features.shape[0], bool)
     k = min(k, train_features.shape[0])
-    sims, labels = _top_neighbours(
-        test_features, train_features, train_labels, train_mask, k, train_chunk_size
-    )
+    sims, labels = _top_neighbours(test_features, train_features, train_labels, train_mask, k, train_chunk_size)
     return _vote(sims, labels, num_classes=num_classes, temperature=temperature)
 
 
@@ -168,22 +163,23 @@ def _correct_counter(
         def one_batch(batch):
             feats, labels, mask = batch
             mask = mask.astype(bool)
-            sims, nbr_labels = _top_neighbours(
-                feats, train_f, train_l, train_m, k_local, train_chunk_size
-            )
+            sims, nbr_labels = _top_neighbours(feats, train_f, train_l, train_m, k_local, train_chunk_size)
             if mesh is not None:
                 # (R, B, k_local) -> (B, R * k_local): device-major, so ties keep the lower row.
                 sims, nbr_labels = (
-                    jnp.moveaxis(jax.lax.all_gather(x, axis_name, to="invarying"), 0, 1).reshape(
-                        x.shape[0], -1
-                    )
+                    jnp.moveaxis(jax.lax.all_gather(x, axis_name, to="invarying"), 0, 1).reshape(x.shape[0], -1)
                     for x in (sims, nbr_labels)
                 )
                 sims, idx = jax.lax.top_k(sims, k_max)
                 nbr_labels = jnp.take_along_axis(nbr_labels, idx, axis=1)
             counts = _correct_counts(
-                sims, nbr_labels, labels, mask,
-                ks=[min(k, k_max) for k in ks], num_classes=num_classes, temperature=temperature,
+                sims,
+                nbr_labels,
+                labels,
+                mask,
+                ks=[min(k, k_max) for k in ks],
+                num_classes=num_classes,
+                temperature=temperature,
             )
             return counts, jnp.sum(mask)
 
@@ -191,9 +187,7 @@ def _correct_counter(
         return jnp.sum(counts, axis=0), jnp.sum(num_valid)
 
     if mesh is not None:
-        count_all = jax.shard_map(
-            count_all, mesh=mesh, in_specs=(P(),) * 3 + (P(axis_name),) * 3, out_specs=(P(), P())
-        )
+        count_all = jax.shard_map(count_all, mesh=mesh, in_specs=(P(),) * 3 + (P(axis_name),) * 3, out_specs=(P(), P()))
     return jax.jit(count_all)
 
 

@@ -109,7 +109,8 @@ def print_report(report: dict[str, Any]) -> None:
     ]
     for k in rows:
         lines.append(
-            f"  {k:<22}{100 * report['pretrained'][k]:>11.2f}%" + (f"{100 * report['random_init'][k]:>13.2f}%" if random else "")
+            f"  {k:<22}{100 * report['pretrained'][k]:>11.2f}%"
+            + (f"{100 * report['random_init'][k]:>13.2f}%" if random else "")
         )
     if report.get("fn_precision_last_window") is not None:
         lines.append(

@@ -6,7 +6,6 @@ pretraining.
 
 from __future__ import annotations
 
-import math
 import ml_collections
 
 from fnc_jax import config_base, configuration, errors
@@ -21,8 +20,7 @@ KNN_FEATURES = ("encoder", "projection")
 def _section(config: ml_collections.ConfigDict, name: str, mode: str) -> ml_collections.ConfigDict:
     if name not in config:
         raise errors.ConfigError(
-            f"config.{name} is missing: mode {mode!r} needs it (start from "
-            f"fnc_jax.config_base.eval_config({mode!r}))."
+            f"config.{name} is missing: mode {mode!r} needs it (start from fnc_jax.config_base.eval_config({mode!r}))."
         )
     return config[name]
 
@@ -31,7 +29,9 @@ def validate_eval(config: ml_collections.ConfigDict, *, num_devices: int, num_pr
     """Checks an evaluation config; raises ValueError naming the first bad field."""
     mode = config.get("mode")
     if mode not in config_base.EVAL_SECTIONS:
-        raise check.invalid("mode", mode, ", ".join(config_base.EVAL_SECTIONS) + " (pretrain runs through fnc_jax.pretrain)")
+        raise check.invalid(
+            "mode", mode, ", ".join(config_base.EVAL_SECTIONS) + " (pretrain runs through fnc_jax.pretrain)"
+        )
     check.integer(config, "seed", 0)
     batch = check.integer(config, "batch_size", 1)
     for field, value in (("batch_size", batch), ("eval.batch_size", check.integer(config, "eval.batch_size", 1))):
@@ -54,7 +54,8 @@ def validate_eval(config: ml_collections.ConfigDict, *, num_devices: int, num_pr
     selector = config.model.ft_proj_selector
     if isinstance(selector, bool) or not isinstance(selector, int) or not -(layers + 1) <= selector <= layers:
         raise check.invalid(
-            "model.ft_proj_selector", selector,
+            "model.ft_proj_selector",
+            selector,
             f"integers in [-{layers + 1}, {layers}] (0 = encoder features, k = projection layer k-1, -1 = last)",
         )
     _validate_pretrained(config)
@@ -120,22 +121,30 @@ def _validate_fn_analysis(config: ml_collections.ConfigDict) -> None:
     check.int_sequence(config, "fn_analysis.topks", 1)
     check.number_sequence(config, "fn_analysis.thresholds", -1.0, 1.0)
     aggregations = check.get(config, "fn_analysis.aggregations")
-    if not isinstance(aggregations, (tuple, list)) or not aggregations or any(x not in AGGREGATIONS for x in aggregations):
-        raise check.invalid("fn_analysis.aggregations", aggregations, f"non-empty sequences of {', '.join(AGGREGATIONS)}")
+    if (
+        not isinstance(aggregations, (tuple, list))
+        or not aggregations
+        or any(x not in AGGREGATIONS for x in aggregations)
+    ):
+        raise check.invalid(
+            "fn_analysis.aggregations", aggregations, f"non-empty sequences of {', '.join(AGGREGATIONS)}"
+        )
     support = check.int_sequence(config, "fn_analysis.support_sizes", 0, allow_empty=True)
     if any(s > views - 2 for s in support):
         raise check.invalid("fn_analysis.support_sizes", support, f"support sizes in [0, num_views - 2 = {views - 2}]")
     if config.batch_size % config.eval.batch_size:
         raise check.invalid(
-            "batch_size", config.batch_size,
+            "batch_size",
+            config.batch_size,
             f"multiples of eval.batch_size={config.eval.batch_size} in fn_analysis (views are computed eval.batch_size "
             "images at a time; batch_size is the candidate pool of one training batch)",
         )
     anchors = check.integer(config, "fn_analysis.anchor_batch_size", 0)
     if anchors and config.batch_size % anchors:
-        raise check.invalid("fn_analysis.anchor_batch_size", anchors, f"0 or divisors of batch_size={config.batch_size}")
+        raise check.invalid(
+            "fn_analysis.anchor_batch_size", anchors, f"0 or divisors of batch_size={config.batch_size}"
+        )
     check.integer(config, "fn_analysis.histogram_bins", 1)
     if not isinstance(analysis.save_embeddings, bool):
         raise check.invalid("fn_analysis.save_embeddings", analysis.save_embeddings, "True or False")
     configuration.validate_augment(config)
-

@@ -58,14 +58,19 @@ class Checkpoint:
     def summary(self) -> list[str]:
         """What was found, what is read and what is set aside, one fact per line."""
         arch, plan = self.architecture, self.plan
-        kind = (f"{tf1_names.PROJECTION_SCOPES[arch.projection_scope]} ({arch.projection_scope})"
-                if arch.projection_scope else "no projection head (SimCLR v1 release)")
+        kind = (
+            f"{tf1_names.PROJECTION_SCOPES[arch.projection_scope]} ({arch.projection_scope})"
+            if arch.projection_scope
+            else "no projection head (SimCLR v1 release)"
+        )
         step = "no global_step" if self.global_step is None else f"global_step {self.global_step}"
         lines = [f"TF1 checkpoint {self.path}: {kind}, {step}", *arch.describe()]
         for network in plan.networks:
             scope = tf1_names.EMA_PREFIX if network == "ema" else ""
-            lines.append(f"{network} network ({scope}{tf1_names.ENCODER_SCOPE}...): "
-                         f"{len(plan.targets[network])} variables mapped")
+            lines.append(
+                f"{network} network ({scope}{tf1_names.ENCODER_SCOPE}...): "
+                f"{len(plan.targets[network])} variables mapped"
+            )
         for why, names in plan.ignored.items():
             if why == "optimizer slots":
                 kinds = sorted({"*/" + name.rsplit("/", 1)[-1] for name in names})
@@ -81,8 +86,10 @@ def read(checkpoint_path: str) -> Checkpoint:
         reader = tf.train.load_checkpoint(checkpoint_path)
     except (tf.errors.OpError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0]
-        raise errors.InputNotFoundError(f"no TF checkpoint at {checkpoint_path!r} ({first_line}): allowed are a checkpoint prefix "
-                         "(.../model.ckpt-N) or a directory with a `checkpoint` file, local or gs://.") from error
+        raise errors.InputNotFoundError(
+            f"no TF checkpoint at {checkpoint_path!r} ({first_line}): allowed are a checkpoint prefix "
+            "(.../model.ckpt-N) or a directory with a `checkpoint` file, local or gs://."
+        ) from error
     shapes = {name: tuple(shape) for name, shape in reader.get_variable_to_shape_map().items()}
     plan = tf1_names.plan(shapes)
     step = int(reader.get_tensor("global_step")) if "global_step" in shapes else None
@@ -93,8 +100,10 @@ def _check_network(ckpt: Checkpoint, network: str) -> None:
     if network not in NETWORKS:
         raise errors.ConfigError(f"network={network!r} is invalid: allowed values are {', '.join(NETWORKS)}.")
     if network not in ckpt.plan.networks:
-        raise errors.ConfigError(f"network={network!r} but {ckpt.path} holds no {tf1_names.EMA_PREFIX} network: "
-                         f"allowed is {', '.join(repr(n) for n in ckpt.plan.networks)}.")
+        raise errors.ConfigError(
+            f"network={network!r} but {ckpt.path} holds no {tf1_names.EMA_PREFIX} network: "
+            f"allowed is {', '.join(repr(n) for n in ckpt.plan.networks)}."
+        )
 
 
 def _as_checkpoint(checkpoint: Checkpoint | str) -> Checkpoint:
@@ -118,12 +127,16 @@ def resolve_selector(arch: Architecture, ft_proj_selector: int | None) -> int | 
     if ft_proj_selector is None:
         return selectors[0] if len(selectors) == 1 else None
     if not arch.num_classes:
-        raise ValueError(f"ft_proj_selector={ft_proj_selector} is invalid: the checkpoint has no "
-                         f"{tf1_names.SUPERVISED_SCOPE} head; allowed is None.")
+        raise ValueError(
+            f"ft_proj_selector={ft_proj_selector} is invalid: the checkpoint has no "
+            f"{tf1_names.SUPERVISED_SCOPE} head; allowed is None."
+        )
     if ft_proj_selector not in selectors:
-        raise ValueError(f"ft_proj_selector={ft_proj_selector} is invalid: the supervised head reads a "
-                         f"{arch.classifier_input_dim}-d input; allowed are {selectors} (hidden widths "
-                         f"{arch.hidden_dims()}).")
+        raise ValueError(
+            f"ft_proj_selector={ft_proj_selector} is invalid: the supervised head reads a "
+            f"{arch.classifier_input_dim}-d input; allowed are {selectors} (hidden widths "
+            f"{arch.hidden_dims()})."
+        )
     return ft_proj_selector
 
 
@@ -133,9 +146,14 @@ def load_classifier(checkpoint: Checkpoint | str, ft_proj_selector: int | None =
     arch = ckpt.architecture
     selector = resolve_selector(arch, ft_proj_selector)
     if selector is None:
-        raise ValueError(f"ft_proj_selector={ft_proj_selector} is invalid for {ckpt.path}: "
-                         + (f"allowed are {arch.classifier_selectors()}." if arch.num_classes
-                            else "the checkpoint has no supervised head."))
+        raise ValueError(
+            f"ft_proj_selector={ft_proj_selector} is invalid for {ckpt.path}: "
+            + (
+                f"allowed are {arch.classifier_selectors()}."
+                if arch.num_classes
+                else "the checkpoint has no supervised head."
+            )
+        )
     model = arch.classifier(selector)
     modules = ("encoder", "head") + (("projection_head",) if selector else ())
     return model, ckpt.tensors("online", modules)

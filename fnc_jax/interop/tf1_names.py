@@ -111,14 +111,18 @@ class Architecture:
     def classifier(self, ft_proj_selector: int) -> ClassifierModel:
         """The network with the supervised head on hidden `ft_proj_selector` (its values from the checkpoint)."""
         return ClassifierModel(
-            **self._network_kwargs(), num_classes=self.num_classes, ft_proj_selector=ft_proj_selector,
+            **self._network_kwargs(),
+            num_classes=self.num_classes,
+            ft_proj_selector=ft_proj_selector,
             zero_init_head=False,
         )
 
     def hidden_dims(self) -> list[int]:
         """Widths of the projection head's hiddens: [features, layer 0, …, last layer] (`ft_proj_selector` order)."""
         hidden = self.proj_hidden_dim or self.feature_dim
-        return [self.feature_dim] + [hidden] * max(self.proj_layers - 1, 0) + [self.proj_out_dim] * (self.proj_layers > 0)
+        return (
+            [self.feature_dim] + [hidden] * max(self.proj_layers - 1, 0) + [self.proj_out_dim] * (self.proj_layers > 0)
+        )
 
     def classifier_selectors(self) -> list[int]:
         """The `ft_proj_selector` values whose hidden has the supervised head's input width."""
@@ -131,20 +135,33 @@ class Architecture:
             stem = "ResNet-D stem (three 3x3 convs, the first stride 2, + 3x3/2 max pool)"
         else:
             stem = "ImageNet stem (7x7/2 conv + 3x3/2 max pool)"
-        sk = f"selective kernels (sk_ratio {self.sk_ratio:g}), average-pooled shortcuts" if self.sk_ratio else "no selective kernels"
-        lines = [f"encoder: ResNet-{self.depth}, width {self.width_multiplier:g}, {stem}, {sk}; pooled features {self.feature_dim}-d"]
+        sk = (
+            f"selective kernels (sk_ratio {self.sk_ratio:g}), average-pooled shortcuts"
+            if self.sk_ratio
+            else "no selective kernels"
+        )
+        lines = [
+            f"encoder: ResNet-{self.depth}, width {self.width_multiplier:g}, {stem}, {sk}; pooled features {self.feature_dim}-d"
+        ]
         if self.projection_scope:
             dims = " -> ".join(map(str, self.hidden_dims()))
-            lines.append(f"projection head: {self.projection_scope} ({PROJECTION_SCOPES[self.projection_scope]}), "
-                         f"{self.proj_layers} layers, {dims}")
+            lines.append(
+                f"projection head: {self.projection_scope} ({PROJECTION_SCOPES[self.projection_scope]}), "
+                f"{self.proj_layers} layers, {dims}"
+            )
         else:
             lines.append("projection head: none (as in the SimCLR v1 releases)")
         if self.num_classes:
             selectors = self.classifier_selectors()
-            which = (f"ft_proj_selector {selectors[0]}" if len(selectors) == 1
-                     else f"ft_proj_selector one of {selectors}: pass it to get logits")
-            lines.append(f"supervised head: head_supervised, {self.num_classes} classes on a "
-                         f"{self.classifier_input_dim}-d input ({which})")
+            which = (
+                f"ft_proj_selector {selectors[0]}"
+                if len(selectors) == 1
+                else f"ft_proj_selector one of {selectors}: pass it to get logits"
+            )
+            lines.append(
+                f"supervised head: head_supervised, {self.num_classes} classes on a "
+                f"{self.classifier_input_dim}-d input ({which})"
+            )
         return lines
 
 
@@ -237,7 +254,7 @@ def _numbered(shapes: Mapping[str, Shape], scope: str, kind: str) -> dict[int, d
     """{index: {leaf: shape}} of the `kind` layers directly inside `scope` ('base_model/conv2d_7/kernel' -> 7)."""
     layers: dict[int, dict[str, Shape]] = {}
     for name, shape in shapes.items():
-        match = _NUMBERED.fullmatch(name[len(scope):]) if name.startswith(scope) else None
+        match = _NUMBERED.fullmatch(name[len(scope) :]) if name.startswith(scope) else None
         if match and match[1] == kind:
             layers.setdefault(int(match[2] or 0), {})[match[3]] = shape
     return layers
@@ -246,15 +263,21 @@ def _numbered(shapes: Mapping[str, Shape], scope: str, kind: str) -> dict[int, d
 def infer_architecture(shapes: Mapping[str, Shape]) -> Architecture:
     """The online network's architecture from the checkpoint's names and shapes (optimizer slots excluded)."""
     kernels = {i: v["kernel"] for i, v in _numbered(shapes, ENCODER_SCOPE, "conv2d").items() if "kernel" in v}
-    biased = [f"{ENCODER_SCOPE}{layer_name('conv2d', i)}/bias"
-              for i, v in _numbered(shapes, ENCODER_SCOPE, "conv2d").items() if "bias" in v]
+    biased = [
+        f"{ENCODER_SCOPE}{layer_name('conv2d', i)}/bias"
+        for i, v in _numbered(shapes, ENCODER_SCOPE, "conv2d").items()
+        if "bias" in v
+    ]
     if biased:
-        raise UnmappableCheckpoint(f"{_listing(biased)}: convolutions with a bias (squeeze-excitation layers, "
-                                   "se_ratio > 0) are not supported; the official ResNet convs have none")
+        raise UnmappableCheckpoint(
+            f"{_listing(biased)}: convolutions with a bias (squeeze-excitation layers, "
+            "se_ratio > 0) are not supported; the official ResNet convs have none"
+        )
     if 0 not in kernels:
         scopes = sorted({name.split("/")[0] for name in shapes})
-        raise UnmappableCheckpoint(f"no {ENCODER_SCOPE}conv2d/kernel, so no official ResNet encoder "
-                                   f"(top-level scopes: {', '.join(scopes)})")
+        raise UnmappableCheckpoint(
+            f"no {ENCODER_SCOPE}conv2d/kernel, so no official ResNet encoder (top-level scopes: {', '.join(scopes)})"
+        )
     stem = kernels[0]
     if stem[:3] == (7, 7, 3):
         cifar_stem, three_conv = False, False
@@ -262,44 +285,59 @@ def infer_architecture(shapes: Mapping[str, Shape]) -> Architecture:
         three_conv = kernels.get(1, (1,))[:2] == (3, 3)
         cifar_stem = not three_conv
     else:
-        raise UnmappableCheckpoint(f"{ENCODER_SCOPE}conv2d/kernel has shape {list(stem)}: an official ResNet stem is a "
-                                   "7x7 or 3x3 conv of the 3 image channels")
+        raise UnmappableCheckpoint(
+            f"{ENCODER_SCOPE}conv2d/kernel has shape {list(stem)}: an official ResNet stem is a "
+            "7x7 or 3x3 conv of the 3 image channels"
+        )
     stem_convs = 3 if three_conv else 1
     width_multiplier = kernels[stem_convs - 1][-1] / 64
     first = kernels.get(stem_convs + 1)  # the first block's first residual conv (its shortcut comes before)
     if first is None:
-        raise UnmappableCheckpoint(f"{ENCODER_SCOPE}{layer_name('conv2d', stem_convs + 1)}/kernel is missing: "
-                                   "it tells basic from bottleneck blocks")
+        raise UnmappableCheckpoint(
+            f"{ENCODER_SCOPE}{layer_name('conv2d', stem_convs + 1)}/kernel is missing: "
+            "it tells basic from bottleneck blocks"
+        )
     bottleneck = first[0] == 1
     if bottleneck:
         unit = kernels.get(stem_convs + 2, ())
         sk = unit[:2] == (3, 3) and unit[-1] == 2 * first[-1]
         if three_conv and not sk:
-            raise UnmappableCheckpoint("the stem has three 3x3 convs (ResNet-D, sk_ratio > 0) but the first block has "
-                                       "no selective-kernel unit: the official code builds both or neither")
+            raise UnmappableCheckpoint(
+                "the stem has three 3x3 convs (ResNet-D, sk_ratio > 0) but the first block has "
+                "no selective-kernel unit: the official code builds both or neither"
+            )
     else:
         if three_conv:
-            raise UnmappableCheckpoint("a ResNet-D stem (three 3x3 convs) with basic blocks: the official SK basic block "
-                                       "pools its residual input and cannot be built at stride 2, so no official "
-                                       "network has this layout")
+            raise UnmappableCheckpoint(
+                "a ResNet-D stem (three 3x3 convs) with basic blocks: the official SK basic block "
+                "pools its residual input and cannot be built at stride 2, so no official "
+                "network has this layout"
+            )
         sk = False
     count = max(kernels) + 1
-    depths = [d for d in DEPTHS if resnet_layout(d)[0] == bottleneck
-              and len(encoder_layers(d, sk=sk, cifar_stem=cifar_stem)[0]) == count]
+    depths = [
+        d
+        for d in DEPTHS
+        if resnet_layout(d)[0] == bottleneck and len(encoder_layers(d, sk=sk, cifar_stem=cifar_stem)[0]) == count
+    ]
     if not depths:
         kind = "bottleneck" if bottleneck else "basic"
-        raise UnmappableCheckpoint(f"the encoder has {count} conv layers ({ENCODER_SCOPE}conv2d ... "
-                                   f"{layer_name('conv2d', count - 1)}) with {kind} blocks{' and selective kernels' * sk}: "
-                                   f"no ResNet depth in {DEPTHS} has that many")
+        raise UnmappableCheckpoint(
+            f"the encoder has {count} conv layers ({ENCODER_SCOPE}conv2d ... "
+            f"{layer_name('conv2d', count - 1)}) with {kind} blocks{' and selective kernels' * sk}: "
+            f"no ResNet depth in {DEPTHS} has that many"
+        )
     depth = depths[0]
 
     scopes = [s for s in PROJECTION_SCOPES if any(name.startswith(s + "/") for name in shapes)]
     if len(scopes) > 1:
-        raise UnmappableCheckpoint(f"two projection heads ({' and '.join(scopes)}): which one is the network's is ambiguous")
+        raise UnmappableCheckpoint(
+            f"two projection heads ({' and '.join(scopes)}): which one is the network's is ambiguous"
+        )
     scope = scopes[0] if scopes else None
     head = {}
     for name, shape in shapes.items():
-        match = _HEAD_LAYER.fullmatch(name[len(scope) + 1:]) if scope and name.startswith(scope + "/") else None
+        match = _HEAD_LAYER.fullmatch(name[len(scope) + 1 :]) if scope and name.startswith(scope + "/") else None
         if match:
             head[int(match[1])] = shape
     feature_dim = resnet_feature_dim(depth, width_multiplier)
@@ -333,8 +371,10 @@ def _fit_sk_ratio(arch: Architecture, kernels: Mapping[int, Shape]) -> Architect
         if all(shapes.get(("params", ("encoder", *convs[i], "kernel"))) == kernels[i] for i in units):
             return candidate
     widths = sorted({kernels[i][-1] for i in units})
-    raise UnmappableCheckpoint(f"the selective-kernel units' reduce convs have widths {widths}, which no sk_ratio "
-                               "gives (width max(int(filters * sk_ratio), 32))")
+    raise UnmappableCheckpoint(
+        f"the selective-kernel units' reduce convs have widths {widths}, which no sk_ratio "
+        "gives (width max(int(filters * sk_ratio), 32))"
+    )
 
 
 def plan(shapes: Mapping[str, Shape]) -> Plan:
@@ -370,14 +410,20 @@ def plan(shapes: Mapping[str, Shape]) -> Plan:
             collection, path = wanted[name]
             need = _classifier_shape(arch, path) if path[0] == "head" else expected.get((collection, path))
             if found[name] != need:
-                problems.append(f"{name} has shape {list(found[name])} but fnc_jax's {collection}/{'/'.join(path)} "
-                                f"needs {list(need) if need else 'a width that fits no hidden layer'}")
+                problems.append(
+                    f"{name} has shape {list(found[name])} but fnc_jax's {collection}/{'/'.join(path)} "
+                    f"needs {list(need) if need else 'a width that fits no hidden layer'}"
+                )
     if problems:
-        raise UnmappableCheckpoint(f"the checkpoint does not map completely onto a ResNet-{arch.depth} "
-                                   f"(width {arch.width_multiplier:g}): " + "; ".join(problems))
+        raise UnmappableCheckpoint(
+            f"the checkpoint does not map completely onto a ResNet-{arch.depth} "
+            f"(width {arch.width_multiplier:g}): " + "; ".join(problems)
+        )
     covered = {target for t in targets.values() for target in t.values() if target[1][0] != "head"}
     if uncovered := set(expected) - covered:
-        raise RuntimeError(f"fnc_jax's network has variables no official layer maps to: {_listing(map(str, uncovered))}")
+        raise RuntimeError(
+            f"fnc_jax's network has variables no official layer maps to: {_listing(map(str, uncovered))}"
+        )
     return Plan(arch, networks, targets, {k: sorted(v) for k, v in ignored.items() if v})
 
 

@@ -23,7 +23,9 @@ def import_to_workdir(tf_checkpoint: str, workdir: str, network: str = "online")
     workdir_path = epath.Path(workdir)
     store_dir = workdir_path / "checkpoints"
     if store_dir.exists() and any(store_dir.iterdir()):
-        raise errors.ConfigError(f"--workdir={workdir} already holds checkpoints in {store_dir}: allowed is a new directory.")
+        raise errors.ConfigError(
+            f"--workdir={workdir} already holds checkpoints in {store_dir}: allowed is a new directory."
+        )
     step = ckpt.global_step or 0
     record = {
         "model": ckpt.architecture.model_config(),

@@ -7,8 +7,8 @@ for strided convs, γ = 0 on the last BN of each residual branch. Parameter path
 with groups numbered 1–4 as in the official ``fine_tune_after_block`` (0 = stem) and blocks from 0.
 """
 
-from collections.abc import Callable
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn

@@ -3,9 +3,10 @@
 This package imports nothing from the rest of fnc_jax, so it can be copied or imported on its own.
 The semantics follow the official implementation (google-research/fnc) exactly by default; the
 paper's variants (elimination, mean aggregation, support-only scoring, top-k or threshold alone) and an
-oracle selection are options of `FNConfig`. See `shared/spec/method.md` for the maths.
+oracle selection are options of `FNConfig`; `FNSchedule` starts and ramps the selection over training.
+See docs/method.md for the maths.
 
-Layout conventions (method.md §1):
+Layout conventions (docs/method.md §1):
 - `embeddings` are `(V, B, d)`: V views of the B samples held by this device. Views 0 and 1 are the
   main views, 2..V-1 the support views.
 - Candidates are columns `c = v * N + g`: view v of global sample g, view-major over the global batch
@@ -24,7 +25,7 @@ of the `(V, B, C)` stack of all views' similarities; the backward pass recompute
 """
 
 from fnc_jax.objectives.debiased import DEBIASED_FN_MODES, dcl_loss, hcl_loss
-from fnc_jax.objectives.fn_config import AGGREGATIONS, MODES, SELECTIONS, SUPPORT_SETS, FNConfig
+from fnc_jax.objectives.fn_config import AGGREGATIONS, MODES, SELECTIONS, SUPPORT_SETS, FNConfig, FNSchedule
 from fnc_jax.objectives.fnc import fnc_loss, fnc_memory_loss, update_memory
 from fnc_jax.objectives.layout import l2_normalize
 from fnc_jax.objectives.selection import false_negative_mask
@@ -40,6 +41,7 @@ __all__ = [
     "SELECTIONS",
     "SUPPORT_SETS",
     "FNConfig",
+    "FNSchedule",
     "dcl_loss",
     "false_negative_mask",
     "fnc_loss",

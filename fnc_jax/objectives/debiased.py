@@ -51,7 +51,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from fnc_jax.objectives.fn_config import FNConfig
+from fnc_jax.objectives.fn_config import FNConfig, FNSchedule
 from fnc_jax.objectives.layout import (
     check_temperature,
     device_index_and_count,
@@ -60,7 +60,7 @@ from fnc_jax.objectives.layout import (
     own_columns,
     prepare_embeddings,
 )
-from fnc_jax.objectives.selection import false_negative_mask, fn_metrics
+from fnc_jax.objectives.selection import false_negative_mask, fn_metrics, schedule_metrics
 
 Array = jax.Array
 
@@ -141,7 +141,9 @@ def _view_losses(
     def view_loss(a: Array, z_a: Array) -> Array:
         logits = (z_a @ candidates.T) / temperature  # (B, C)
         pos_logits = jnp.take_along_axis(logits, positive_columns, axis=1)
-        pairs = _pair_losses(pos_logits, _log_negative_mass(logits, negatives, count, beta), count, temperature, tau_plus)
+        pairs = _pair_losses(
+            pos_logits, _log_negative_mass(logits, negatives, count, beta), count, temperature, tau_plus
+        )
         is_positive = jnp.arange(num_views) != a  # drop the self pair
         return jnp.mean(jnp.sum(jnp.where(is_positive[None, :], pairs, 0.0), axis=1)) / (num_views - 1)
 
@@ -164,6 +166,8 @@ def _debiased_loss(
     axis_name: str | None,
     labels: Array | None,
     low_memory: bool,
+    schedule: FNSchedule | None,
+    step: Array | int,
 ) -> tuple[Array, dict[str, Array]]:
     check_temperature(temperature)
     _check_arguments(tau_plus, beta, fn)
@@ -193,6 +197,8 @@ def _debiased_loss(
             labels=labels,
             candidate_labels=candidate_labels,
             low_memory=low_memory,
+            schedule=schedule,
+            step=step,
         )
     losses = _view_losses(
         z[:anchor_views],
@@ -206,7 +212,7 @@ def _debiased_loss(
         low_memory=low_memory,
     )
     loss = global_mean(jnp.sum(losses) * (2.0 / anchor_views), axis_name)
-    aux = fn_metrics(fn_mask, own, labels, candidate_labels, axis_name)
+    aux = fn_metrics(fn_mask, own, labels, candidate_labels, axis_name) | schedule_metrics(schedule, step, fn)
     aux["fn_mask"] = fn_mask.reshape(batch, anchor_views, num_samples)
     return loss, aux
 
@@ -221,6 +227,8 @@ def dcl_loss(
     axis_name: str | None = None,
     labels: Array | None = None,
     low_memory: bool = True,
+    schedule: FNSchedule | None = None,
+    step: Array | int = 0,
 ) -> tuple[Array, dict[str, Array]]:
     """Multi-view debiased contrastive loss (DCL), in-batch, optionally with false-negative elimination.
 
@@ -236,6 +244,7 @@ def dcl_loss(
         back through the gather) and the loss and metrics are global.
       labels: optional `(B,)` integer labels, for FN precision / recall and `selection='oracle'`.
       low_memory: view-by-view computation (module docstring); False vectorises over the views.
+      schedule, step: the elimination's `FNSchedule` evaluated at the training step, as in `fnc_loss`.
 
     Returns:
       `(loss, aux)` with the keys of `fnc_loss`: `fn_mask` `(B, V, N)`, `num_fn` `(B,)`, `mean_num_fn`,
@@ -251,6 +260,8 @@ def dcl_loss(
         axis_name=axis_name,
         labels=labels,
         low_memory=low_memory,
+        schedule=schedule,
+        step=step,
     )
 
 
@@ -265,6 +276,8 @@ def hcl_loss(
     axis_name: str | None = None,
     labels: Array | None = None,
     low_memory: bool = True,
+    schedule: FNSchedule | None = None,
+    step: Array | int = 0,
 ) -> tuple[Array, dict[str, Array]]:
     """Multi-view hard-negative contrastive loss (HCL): DCL with the negatives reweighted by exp(beta l).
 
@@ -281,4 +294,6 @@ def hcl_loss(
         axis_name=axis_name,
         labels=labels,
         low_memory=low_memory,
+        schedule=schedule,
+        step=step,
     )

@@ -1,12 +1,14 @@
-"""False-negative identification and cancellation settings (`FNConfig`) and their allowed values."""
+"""False-negative identification and cancellation settings (`FNConfig`), their allowed values, and the
+schedule that starts and ramps the selection over training (`FNSchedule`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 MODES = ("attraction", "elimination", "none")
 AGGREGATIONS = ("max", "mean")
@@ -67,6 +69,62 @@ class FNConfig:
     @property
     def uses_threshold(self) -> bool:
         return self.selection in ("threshold", "topk_and_threshold")
+
+
+class FNLimits(NamedTuple):
+    """The selection a schedule allows at one step (traced scalars)."""
+
+    active: jax.Array  # bool: cancellation has started
+    topk: jax.Array  # int32: the k in force (<= FNConfig.topk); 0 before the start
+    threshold: jax.Array  # float32: the cosine threshold in force
+
+
+@dataclasses.dataclass(frozen=True)
+class FNSchedule:
+    """When false-negative cancellation starts and how its selection reaches `FNConfig`'s values.
+
+    Before `start_step` nothing is selected, so the loss is the `mode='none'` loss. From `start_step` on,
+    over `ramp_steps` steps, k rises linearly (rounded half up) from `from_topk` to `FNConfig.topk` and the
+    threshold moves linearly from `from_threshold` to `FNConfig.threshold`; from `start_step + ramp_steps`
+    on, the selection is exactly the fixed one. Early in training the embeddings do not yet cluster by
+    class and most selected candidates are true negatives (the FN precision is low), which is what this
+    waits out. The step is a traced argument, so one compiled train step serves the whole run.
+    """
+
+    start_step: int = 0
+    ramp_steps: int = 0
+    from_topk: int = 1
+    from_threshold: float = 1.0
+
+    def __post_init__(self):
+        for name in ("start_step", "ramp_steps", "from_topk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"schedule {name}={value!r} is invalid: allowed values are integers >= 0.")
+        if isinstance(self.from_threshold, bool) or not (
+            isinstance(self.from_threshold, (int, float)) and math.isfinite(self.from_threshold)
+        ):
+            raise ValueError(f"schedule from_threshold={self.from_threshold!r} is invalid: allowed are finite floats.")
+
+    def limits(self, step: jax.Array | int, fn: FNConfig) -> FNLimits:
+        """The k and threshold in force at `step` (traced or not) for the final selection `fn`."""
+        if self.from_topk > fn.topk:
+            raise ValueError(
+                f"schedule from_topk={self.from_topk} is invalid: allowed values are 0..fn.topk={fn.topk} "
+                "(the top-k is computed at the final k and cut to the scheduled one)."
+            )
+        step = jnp.asarray(step, jnp.int32)
+        since = (step - self.start_step).astype(jnp.float32)
+        done = since >= self.ramp_steps  # the ramp is over: the fixed selection, exactly
+        progress = jnp.clip(since / max(self.ramp_steps, 1), 0.0, 1.0)
+        ramped_k = self.from_topk + jnp.floor(progress * (fn.topk - self.from_topk) + 0.5).astype(jnp.int32)  # half up
+        ramped_threshold = self.from_threshold + progress * (jnp.float32(fn.threshold) - self.from_threshold)
+        active = step >= self.start_step
+        return FNLimits(
+            active=active,
+            topk=jnp.where(active, jnp.where(done, fn.topk, ramped_k), 0).astype(jnp.int32),
+            threshold=jnp.where(done, jnp.float32(fn.threshold), ramped_threshold).astype(jnp.float32),
+        )
 
 
 def check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fnc_jax.objectives.fn_config import FNConfig
+from fnc_jax.objectives.fn_config import FNConfig, FNSchedule
 from fnc_jax.objectives.layout import (
     check_temperature,
     device_index_and_count,
@@ -20,7 +20,7 @@ from fnc_jax.objectives.layout import (
     own_columns,
     prepare_embeddings,
 )
-from fnc_jax.objectives.selection import false_negative_mask, fn_metrics
+from fnc_jax.objectives.selection import false_negative_mask, fn_metrics, schedule_metrics
 
 Array = jax.Array
 
@@ -36,7 +36,7 @@ def _view_losses(
     mode: str,
     low_memory: bool,
 ) -> Array:
-    """(Va,) per-anchor-view mean over samples of L_a(i) (method.md §3, §5)."""
+    """(Va,) per-anchor-view mean over samples of L_a(i) (docs/method.md §3, §5)."""
     num_views, batch = anchors.shape[:2]
     num_columns = candidates.shape[0]
     col = jnp.arange(num_columns)
@@ -81,6 +81,8 @@ def _objective(
     candidate_labels: Array | None,
     axis_name: str | None,
     low_memory: bool,
+    schedule: FNSchedule | None,
+    step: Array | int,
 ) -> tuple[Array, dict[str, Array]]:
     """Shared core of the in-batch and memory losses, on already normalised float32 features."""
     num_views, batch = anchors.shape[:2]
@@ -98,6 +100,8 @@ def _objective(
             labels=labels,
             candidate_labels=candidate_labels,
             low_memory=low_memory,
+            schedule=schedule,
+            step=step,
         )
     losses = _view_losses(
         anchors,
@@ -109,9 +113,9 @@ def _objective(
         mode=fn.mode,
         low_memory=low_memory,
     )
-    # Sum of the per-view means, scaled by 2/V: SimCLR's two-direction sum at V = 2 (method.md §3).
+    # Sum of the per-view means, scaled by 2/V: SimCLR's two-direction sum at V = 2 (docs/method.md §3).
     loss = global_mean(jnp.sum(losses) * (2.0 / num_views), axis_name)
-    aux = fn_metrics(fn_mask, own, labels, candidate_labels, axis_name)
+    aux = fn_metrics(fn_mask, own, labels, candidate_labels, axis_name) | schedule_metrics(schedule, step, fn)
     aux["fn_mask"] = fn_mask.reshape(batch, num_blocks, num_samples)
     return loss, aux
 
@@ -125,8 +129,10 @@ def fnc_loss(
     axis_name: str | None = None,
     labels: Array | None = None,
     low_memory: bool = True,
+    schedule: FNSchedule | None = None,
+    step: Array | int = 0,
 ) -> tuple[Array, dict[str, Array]]:
-    """In-batch multi-view contrastive loss with false negative cancellation (method.md §3-6).
+    """In-batch multi-view contrastive loss with false negative cancellation (docs/method.md §3-6).
 
     Args:
       embeddings: `(V, B, d)` projections of V views of this device's B samples (any float dtype;
@@ -141,12 +147,16 @@ def fnc_loss(
       low_memory: view-by-view computation (see module docstring). False vectorises over views and
         stores all V blocks (about 8x the temporary memory); on CPU it is also slower
         (benchmarks/objective.py), so it is only worth trying on accelerators with small blocks.
+      schedule: optional `FNSchedule`: no cancellation before its start, then its ramped k and threshold,
+        evaluated at `step` (the training step, traced); None = the fixed selection of `fn`.
+      step: the training step, for the schedule.
 
     Returns:
       `(loss, aux)`: the scalar loss (mean over devices of the per-device loss) and a dict with
       `fn_mask` `(B, V, N)` bool (candidate view, global sample; reshape to `(B, V*N)` for the
       official layout), `num_fn` `(B,)`, `mean_num_fn`, and with labels `fn_precision`,
-      `fn_recall` and their integer counts `fn_true`, `fn_selected`, `fn_same_label`.
+      `fn_recall` and their integer counts `fn_true`, `fn_selected`, `fn_same_label`; with a schedule
+      also `fn_topk` and `fn_threshold`, the selection in force.
     """
     check_temperature(temperature)
     z = prepare_embeddings(embeddings, hidden_norm)
@@ -174,11 +184,13 @@ def fnc_loss(
         candidate_labels=None if labels is None else jnp.tile(candidate_labels, anchor_views),
         axis_name=axis_name,
         low_memory=low_memory,
+        schedule=schedule,
+        step=step,
     )
 
 
 def update_memory(memory: Array, gathered: Array) -> Array:
-    """Next memory queue (method.md §7): the newest rows first, the oldest dropped.
+    """Next memory queue (docs/method.md §7): the newest rows first, the oldest dropped.
 
     Args:
       memory: `(M*N, ...)` current queue (features, or labels with -1 for empty rows).
@@ -209,8 +221,10 @@ def fnc_memory_loss(
     labels: Array | None = None,
     memory_labels: Array | None = None,
     low_memory: bool = True,
+    schedule: FNSchedule | None = None,
+    step: Array | int = 0,
 ) -> tuple[Array, dict[str, Array]]:
-    """Memory-bank + EMA-encoder variant of the FNC loss (method.md §7, the official default path).
+    """Memory-bank + EMA-encoder variant of the FNC loss (docs/method.md §7, the official default path).
 
     The anchors are the online embeddings; positives, negatives and false-negative candidates are rows
     of `memory`, which must already hold this step's EMA features in its first V*N rows (pass
@@ -260,4 +274,6 @@ def fnc_memory_loss(
         candidate_labels=memory_labels,
         axis_name=axis_name,
         low_memory=low_memory,
+        schedule=schedule,
+        step=step,
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fnc_jax.objectives.fn_config import FNConfig
+from fnc_jax.objectives.fn_config import FNConfig, FNLimits, FNSchedule
 from fnc_jax.objectives.layout import global_mean, global_sum, own_columns
 
 Array = jax.Array
@@ -39,24 +39,33 @@ def _aggregate_scores(queries: Array, candidates: Array, aggregation: str, low_m
     return acc if aggregation == "max" else acc / queries.shape[0]
 
 
-def _select(scores: Array, own: Array, num_candidates: int, fn: FNConfig, same_label: Array | None) -> Array:
-    """Selection of method.md §4.5 on (B, C) aggregated scores; own columns never selected.
+def _select(
+    scores: Array, own: Array, num_candidates: int, fn: FNConfig, same_label: Array | None, limits: FNLimits | None
+) -> Array:
+    """Selection of docs/method.md §4.5 on (B, C) aggregated scores; own columns never selected.
 
-    `num_candidates` (static) is the number of non-own columns per row, the clamp for k.
+    `num_candidates` (static) is the number of non-own columns per row, the clamp for k. `limits` (a
+    schedule's k and threshold at this step) replace `fn.topk` / `fn.threshold` and gate the selection.
     """
     if fn.selection == "oracle":
-        return same_label & ~own
-    masked = jnp.where(own, -jnp.inf, scores)
-    selected = ~own
-    if fn.uses_threshold:
-        selected &= masked > fn.threshold  # strict >, on the raw cosine
-    if fn.uses_topk:
-        k = min(fn.topk, num_candidates)
-        if k == 0:
-            return jnp.zeros_like(own)
-        _, idx = jax.lax.top_k(masked, k)  # ties: the lower column index wins, as in the official code
-        rows = jnp.arange(scores.shape[0])[:, None]
-        selected &= jnp.zeros_like(own).at[rows, idx].set(True)
+        selected = same_label & ~own
+    else:
+        masked = jnp.where(own, -jnp.inf, scores)
+        selected = ~own
+        if fn.uses_threshold:
+            threshold = fn.threshold if limits is None else limits.threshold
+            selected &= masked > threshold  # strict >, on the raw cosine
+        if fn.uses_topk:
+            k = min(fn.topk, num_candidates)
+            if k == 0:
+                return jnp.zeros_like(own)
+            _, idx = jax.lax.top_k(masked, k)  # ties: the lower column index wins, as in the official code
+            rows = jnp.arange(scores.shape[0])[:, None]
+            # A scheduled k keeps the first limits.topk of the k_max best (top_k returns them in order).
+            keep = True if limits is None else jnp.broadcast_to(jnp.arange(k) < limits.topk, idx.shape)
+            selected &= jnp.zeros_like(own).at[rows, idx].set(keep)
+    if limits is not None:
+        selected &= limits.active
     return selected
 
 
@@ -70,8 +79,10 @@ def false_negative_mask(
     labels: Array | None = None,
     candidate_labels: Array | None = None,
     low_memory: bool = True,
+    schedule: FNSchedule | None = None,
+    step: Array | int = 0,
 ) -> Array:
-    """Identifies the false negatives of B anchor images among candidate columns (method.md §4).
+    """Identifies the false negatives of B anchor images among candidate columns (docs/method.md §4).
 
     Args:
       queries: `(V, B, d)` features of the anchor images' V views (l2-normalised for cosine scores).
@@ -82,6 +93,9 @@ def false_negative_mask(
       labels: `(B,)` anchor labels, needed by `selection='oracle'`.
       candidate_labels: `(C,)` candidate labels (negative = unknown, never same-label).
       low_memory: score view by view (memory B*C) rather than all views at once (V*B*C).
+      schedule: when given, the selection in force at `step` (traced or not): nothing before its start,
+        then its ramped k and threshold (`FNSchedule`).
+      step: the training step the schedule is evaluated at.
 
     Returns:
       `(B, C)` bool mask, stop-gradient: the anchor image's own columns v*N + g (v < V) are never
@@ -102,7 +116,8 @@ def false_negative_mask(
     scores = None
     if fn.selection != "oracle":
         scores = _aggregate_scores(_support_views(queries, fn), candidates, fn.aggregation, low_memory)
-    return jax.lax.stop_gradient(_select(scores, own, num_candidates, fn, same_label))
+    limits = None if schedule is None else schedule.limits(step, fn)
+    return jax.lax.stop_gradient(_select(scores, own, num_candidates, fn, same_label, limits))
 
 
 def fn_metrics(
@@ -129,3 +144,11 @@ def fn_metrics(
         fn_recall=true_fn / jnp.maximum(same_total, 1),
     )
     return metrics
+
+
+def schedule_metrics(schedule: FNSchedule | None, step: Array | int, fn: FNConfig) -> dict[str, Array]:
+    """The k and threshold a schedule has in force at `step` (empty without a schedule or a selection)."""
+    if schedule is None or fn.mode == "none":
+        return {}
+    limits = schedule.limits(step, fn)
+    return {"fn_topk": limits.topk, "fn_threshold": limits.threshold}

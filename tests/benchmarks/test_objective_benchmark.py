@@ -9,7 +9,7 @@ import sys
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-MODES = {"attraction", "elimination", "none"}
+MODES = {"attraction", "elimination", "none", "dcl", "dcl_elimination", "hcl", "hcl_elimination"}
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,19 @@ def test_quick_benchmark_json(quick_result):
     entries = r["timing"]["entries"]
     assert entries
     for e in entries:
-        for key in ("variant", "mode", "low_memory", "devices", "global_batch_N", "local_batch_B", "views_V",
-                    "dim_d", "columns_C", "matmul_flops", "compiled_per_device"):
+        for key in (
+            "variant",
+            "mode",
+            "low_memory",
+            "devices",
+            "global_batch_N",
+            "local_batch_B",
+            "views_V",
+            "dim_d",
+            "columns_C",
+            "matmul_flops",
+            "compiled_per_device",
+        ):
             assert key in e, key
         assert e["variant"] in ("in_batch", "memory") and e["mode"] in MODES
         assert e["local_batch_B"] * e["devices"] == e["global_batch_N"]

@@ -17,8 +17,15 @@ import pytest
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEP_VARIANTS = {"fnc_memory", "fnc_in_batch", "baseline_multiview", "simclr_2view"}
 PARTS = {
-    "device_augment", "encoder_forward_backward", "projection_head_forward_backward", "gradient_all_reduce",
-    "ema_forward", "cross_device_gather", "fn_identification", "loss", "optimizer_and_state_update",
+    "device_augment",
+    "encoder_forward_backward",
+    "projection_head_forward_backward",
+    "gradient_all_reduce",
+    "ema_forward",
+    "cross_device_gather",
+    "fn_identification",
+    "loss",
+    "optimizer_and_state_update",
 }
 
 
@@ -81,7 +88,9 @@ def test_step_benchmark_quick():
         assert positive(e["median_s"]) and positive(e["matmul_flops"])
     assert positive(o["resnet_step"]["estimated_step_s_per_device"])
     pct = o["percent_of_resnet_step"]
-    assert positive(pct["fn_identification_plus_fnc_loss_time"]) and positive(pct["fn_identification_plus_fnc_loss_flops"])
+    assert positive(pct["fn_identification_plus_fnc_loss_time"]) and positive(
+        pct["fn_identification_plus_fnc_loss_flops"]
+    )
     assert pct["target_percent"] == 3.0 and "derivation" in o
 
 
@@ -91,9 +100,17 @@ def test_input_pipeline_benchmark_quick():
     assert r["benchmark"] == "input_pipeline" and r["quick"] is True
     check_machine(r["machine"])
     assert r["dataset"]["images"] > 0 and r["dataset"]["mean_jpeg_kb"] > 0
-    expected = {f"{px}/{v}" for px in ("224px", "32px")
-                for v in ("pretrain_host_randaugment", "pretrain_host", "pretrain_on_device_colour",
-                          "pretrain_on_device_crop", "eval")}
+    expected = {
+        f"{px}/{v}"
+        for px in ("224px", "32px")
+        for v in (
+            "pretrain_host_randaugment",
+            "pretrain_host",
+            "pretrain_on_device_colour",
+            "pretrain_on_device_crop",
+            "eval",
+        )
+    }
     assert set(r["pipelines"]) == expected
     for name, p in r["pipelines"].items():
         assert positive(p["views_per_s_per_core"]) and positive(p["views_per_s_wall"]), name
@@ -101,7 +118,9 @@ def test_input_pipeline_benchmark_quick():
         assert p["views_per_image"] == (1 if name.endswith("eval") else (10 if name.startswith("224") else 4))
     assert all(positive(x) for x in r["ratios"].values())
     d = r["device_side_on_this_cpu"]
-    assert positive(d["colour_jitter_grayscale"]["ms_per_view_per_core"]) and positive(d["blur"]["ms_per_view_per_core"])
+    assert positive(d["colour_jitter_grayscale"]["ms_per_view_per_core"]) and positive(
+        d["blur"]["ms_per_view_per_core"]
+    )
     assert positive(d["crop_resize"]["ms_per_view_per_core"]) and positive(d["crop_resize"]["flops_per_view"])
     s = r["stages_224px"]
     assert all(positive(v["ms_per_image_per_core"]) for v in s["cumulative"].values())

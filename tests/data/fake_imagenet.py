@@ -60,7 +60,7 @@ def _photo(index: int, image_size: int, image_format: str = "JPEG") -> bytes:
     step = index // len(_PHOTOS) + 1
     y, x = (step * 37) % (h - crop), (step * 53) % (w - crop)
     aspect = 1.0 + 0.25 * (index % 3)  # Non-square outputs, like real ImageNet images.
-    image = Image.fromarray(photo[y:y + crop, x:x + int(crop / aspect)])
+    image = Image.fromarray(photo[y : y + crop, x : x + int(crop / aspect)])
     image = image.resize((image_size, int(image_size * aspect)), Image.BILINEAR)
     buffer = io.BytesIO()
     image.save(buffer, format=image_format)
@@ -108,7 +108,6 @@ def write_fake_imagenet_manual_dir(
 def fake_validation_labels(num_val: int) -> list[str]:
     """The synsets TFDS assigns to the fake validation images, in file-name order."""
     return _validation_synsets()[:num_val]
-
 
 
 def write_fake_image_folder(

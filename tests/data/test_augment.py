@@ -50,9 +50,7 @@ def test_legacy_bicubic_keeps_uint8_scale_and_returns_float32():
 def test_crop_box_respects_sampler_bounds(area_range):
     height, width, n = 100, 80, 300
     boxes = _over_seeds(
-        lambda s: tf.concat(
-            augment.sample_crop_box(tf.constant([height, width, 3]), s, area_range=area_range), 0
-        ),
+        lambda s: tf.concat(augment.sample_crop_box(tf.constant([height, width, 3]), s, area_range=area_range), 0),
         n,
     )
     y, x, h, w = boxes[:, 0], boxes[:, 1], boxes[:, 3], boxes[:, 4]
@@ -229,9 +227,7 @@ def test_pretrain_view_coin_frequencies_simclr_order():
     n = 400
     views = _over_seeds(lambda s: augment.pretrain_view(image, s, image_size=8, use_randaugment=False), n)
     bases = _over_seeds(
-        lambda s: augment.pretrain_view(
-            image, s, image_size=8, use_randaugment=False, color_on_device=True
-        ),
+        lambda s: augment.pretrain_view(image, s, image_size=8, use_randaugment=False, color_on_device=True),
         n,
     )
     grey = np.all(views == views[..., :1], axis=(1, 2, 3))

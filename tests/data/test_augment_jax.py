@@ -237,9 +237,7 @@ def test_pretrain_device_augment():
     assert out.shape == images.shape and out.min() >= 0
     assert out.max() <= 0.5 + 1e-6  # solarized everywhere, and blurring cannot exceed the maximum
     assert 0 < _is_grey(out).sum() < 32
-    identity = augment_jax.pretrain_device_augment(
-        images, jax.random.key(0), color_on_device=False, blur=False
-    )
+    identity = augment_jax.pretrain_device_augment(images, jax.random.key(0), color_on_device=False, blur=False)
     np.testing.assert_array_equal(identity, images)
     with pytest.raises(ValueError, match="solarize_p.*color_on_device"):
         augment_jax.pretrain_device_augment(images, jax.random.key(0), color_on_device=False, solarize_p=0.2)
@@ -300,13 +298,19 @@ def test_crop_resize_is_the_host_crop_resize_and_flip(size):
         crop_seed, flip_seed = augment._split(seed, 6)[:2]
         host = augment.random_resized_crop(image, crop_seed, size=size, unit_scale=False)
         host = augment.random_flip(host, flip_seed).numpy()
-        np.testing.assert_allclose(cut(jnp.asarray(canvas.numpy()), jnp.asarray(crop), size), host, rtol=1e-6, atol=1e-4)
+        np.testing.assert_allclose(
+            cut(jnp.asarray(canvas.numpy()), jnp.asarray(crop), size), host, rtol=1e-6, atol=1e-4
+        )
         flips += crop[4]
     assert 3 <= flips <= 13
     for crop in ([0, 0, 60, 75, 0], [54, 70, 6, 5, 1], [0, 69, 60, 6, 0]):  # whole image, corners, edges
-        host = augment.resize_bicubic_legacy(tf.cast(image, tf.float32)[crop[0]:crop[0] + crop[2], crop[1]:crop[1] + crop[3]], size, size)
+        host = augment.resize_bicubic_legacy(
+            tf.cast(image, tf.float32)[crop[0] : crop[0] + crop[2], crop[1] : crop[1] + crop[3]], size, size
+        )
         host = host.numpy()[:, ::-1] if crop[4] else host.numpy()
-        np.testing.assert_allclose(cut(jnp.asarray(canvas.numpy()), jnp.asarray(crop), size), host, rtol=1e-6, atol=1e-4)
+        np.testing.assert_allclose(
+            cut(jnp.asarray(canvas.numpy()), jnp.asarray(crop), size), host, rtol=1e-6, atol=1e-4
+        )
 
 
 def test_fit_canvas_shrinks_larger_images_keeping_the_aspect():

@@ -46,7 +46,10 @@ def config(tmp_path_factory):
                 shuffle_buffer=None,
             ),
             augment=dict(
-                color_strength=1.0, use_randaugment=True, on_device=False, crop_on_device=False,
+                color_strength=1.0,
+                use_randaugment=True,
+                on_device=False,
+                crop_on_device=False,
                 area_range=(0.08, 1.0),
             ),
         )
@@ -79,9 +82,7 @@ def test_load_split_decodes_and_shards(config):
 
 
 def test_pretrain_batches_and_resume(config):
-    stream = list(
-        itertools.islice(pipeline.pretrain_iterator(config, process_index=0, process_count=1), 3)
-    )
+    stream = list(itertools.islice(pipeline.pretrain_iterator(config, process_index=0, process_count=1), 3))
     batch = stream[0]
     assert batch["images"].shape == (6, 4, IMAGE_SIZE, IMAGE_SIZE, 3)
     assert batch["images"].dtype == np.float32 and 0 <= batch["images"].min() <= batch["images"].max() <= 1

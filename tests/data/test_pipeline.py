@@ -36,7 +36,11 @@ def make_config(**data) -> ml_collections.ConfigDict:
                 **data,
             ),
             augment=dict(
-                color_strength=1.0, use_randaugment=False, on_device=False, crop_on_device=False, canvas_size=0,
+                color_strength=1.0,
+                use_randaugment=False,
+                on_device=False,
+                crop_on_device=False,
+                canvas_size=0,
                 area_range=(0.08, 1.0),
             ),
         )
@@ -104,7 +108,11 @@ def test_crop_on_device_stream_is_canvases_and_the_same_crops(mnist_stream):
     a = take(pipeline.pretrain_iterator(views, process_index=0, process_count=2), 2)
     b = take(pipeline.pretrain_iterator(canvases, process_index=0, process_count=2), 2)
     settings = augment_jax.ViewAugment(
-        color_on_device=True, color_strength=1.0, blur=False, blur_sigma_groups=None, solarize_p=0.0,
+        color_on_device=True,
+        color_strength=1.0,
+        blur=False,
+        blur_sigma_groups=None,
+        solarize_p=0.0,
         image_size=IMAGE_SIZE,
     )
     for x, y in zip(a, b):
@@ -139,13 +147,11 @@ def test_resume_replays_the_uninterrupted_stream(mnist_stream):
 def test_resume_across_epoch_boundaries(folder_config):
     stream = take(pipeline.pretrain_iterator(folder_config, process_index=0, process_count=1), 8)
     for start in (2, 5):  # Mid-epoch (batch 2 straddles the boundary), and exactly at epoch 2.
-        resumed = pipeline.pretrain_iterator(
-            folder_config, process_index=0, process_count=1, start_step=start
-        )
+        resumed = pipeline.pretrain_iterator(folder_config, process_index=0, process_count=1, start_step=start)
         assert_same_batches(take(resumed, 8 - start), stream[start:])
     labels = np.concatenate([b["labels"] for b in stream])
     # Each epoch of 10 is a permutation of the split, and consecutive epochs are shuffled differently.
-    assert all(np.bincount(labels[e * 10:(e + 1) * 10]).tolist() == [5, 5] for e in range(3))
+    assert all(np.bincount(labels[e * 10 : (e + 1) * 10]).tolist() == [5, 5] for e in range(3))
     assert not np.array_equal(labels[:10], labels[10:20])
 
 
@@ -165,14 +171,10 @@ def test_processes_read_different_data(mnist_stream):
 
 
 def test_supervised_iterator_shapes_and_resume(folder_config):
-    stream = take(
-        pipeline.supervised_iterator(folder_config, split="train", process_index=0, process_count=1), 4
-    )
+    stream = take(pipeline.supervised_iterator(folder_config, split="train", process_index=0, process_count=1), 4)
     assert stream[0]["images"].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3)
     assert stream[0]["labels"].dtype == np.int32
-    resumed = pipeline.supervised_iterator(
-        folder_config, split="train", process_index=0, process_count=1, start_step=3
-    )
+    resumed = pipeline.supervised_iterator(folder_config, split="train", process_index=0, process_count=1, start_step=3)
     assert_same_batches(take(resumed, 1), stream[3:])
 
 
@@ -198,27 +200,20 @@ def test_eval_padding_keeps_processes_in_lock_step(folder_config, process_count)
 
 
 def test_eval_matches_eval_preprocess_of_the_split(folder_config):
-    batches = list(
-        pipeline.eval_iterator(folder_config, split="val", process_index=0, process_count=1, batch_size=4)
-    )
+    batches = list(pipeline.eval_iterator(folder_config, split="val", process_index=0, process_count=1, batch_size=4))
     examples = sources.load_split(folder_config.data, "val", process_index=0, process_count=1)
     expected = [
-        (augment.eval_preprocess(e["image"], image_size=IMAGE_SIZE).numpy(), e["label"].numpy())
-        for e in examples
+        (augment.eval_preprocess(e["image"], image_size=IMAGE_SIZE).numpy(), e["label"].numpy()) for e in examples
     ]
     np.testing.assert_array_equal(
         np.concatenate([b["images"] for b in batches]), np.stack([image for image, _ in expected])
     )
-    np.testing.assert_array_equal(
-        np.concatenate([b["labels"] for b in batches]), [label for _, label in expected]
-    )
+    np.testing.assert_array_equal(np.concatenate([b["labels"] for b in batches]), [label for _, label in expected])
 
 
 def test_eval_mnist_test_split_counts():
     config = make_config()
-    batches = list(
-        pipeline.eval_iterator(config, split="test", process_index=1, process_count=2, batch_size=96)
-    )
+    batches = list(pipeline.eval_iterator(config, split="test", process_index=1, process_count=2, batch_size=96))
     # 1,000 test images: 500 per process, 48 per host batch -> 11 batches, the last one padded.
     assert len(batches) == 11 and sum(b["mask"].sum() for b in batches) == 500
     assert batches[0]["images"].shape == (48, IMAGE_SIZE, IMAGE_SIZE, 3)

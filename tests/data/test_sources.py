@@ -16,16 +16,12 @@ from fnc_jax.data import sources  # noqa: E402
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
-    fields = dict(
-        source="embedded", name="mnist_5k", data_dir=None, train_split="train", eval_split="test"
-    )
+    fields = dict(source="embedded", name="mnist_5k", data_dir=None, train_split="train", eval_split="test")
     return ml_collections.ConfigDict({**fields, **overrides})
 
 
 def read_all(config, split, process_index=0, process_count=1) -> tuple[list[np.ndarray], np.ndarray]:
-    dataset = sources.load_split(
-        config, split, process_index=process_index, process_count=process_count
-    )
+    dataset = sources.load_split(config, split, process_index=process_index, process_count=process_count)
     examples = list(dataset.as_numpy_iterator())
     return [e["image"] for e in examples], np.array([e["label"] for e in examples])
 
@@ -125,6 +121,12 @@ def test_missing_tfds_dataset_says_how_to_build_it(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         sources.load_split(config, "train", process_index=0, process_count=1)
     message = str(error.value)
-    for needle in ("data.name='imagenet2012'", "data.data_dir=", "tfds build imagenet2012",
-                   f"--data_dir={tmp_path}", "--manual_dir=", "ILSVRC2012_img_train.tar"):
+    for needle in (
+        "data.name='imagenet2012'",
+        "data.data_dir=",
+        "tfds build imagenet2012",
+        f"--data_dir={tmp_path}",
+        "--manual_dir=",
+        "ILSVRC2012_img_train.tar",
+    ):
         assert needle in message

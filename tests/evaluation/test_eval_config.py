@@ -48,10 +48,20 @@ def test_shipped_configs_validate(name, arg, mode):
 
 def test_paper_recipes():
     linear = load("imagenet_linear_eval")
-    assert (linear.batch_size, linear.epochs, linear.optim.name, linear.model.ft_proj_selector) == (1024, 90, "sgd_nesterov", 0)
+    assert (linear.batch_size, linear.epochs, linear.optim.name, linear.model.ft_proj_selector) == (
+        1024,
+        90,
+        "sgd_nesterov",
+        0,
+    )
     assert linear.optim.base_lr == 0.005 and linear.optim.lr_scaling == "sqrt" and linear.optim.weight_decay == 0
     one = load("imagenet_finetune_1pct")
-    assert (one.data.name, one.epochs, one.optim.name, one.model.ft_proj_selector) == ("imagenet2012_subset/1pct", 60, "lars", 1)
+    assert (one.data.name, one.epochs, one.optim.name, one.model.ft_proj_selector) == (
+        "imagenet2012_subset/1pct",
+        60,
+        "lars",
+        1,
+    )
     assert not one.finetune.train_projection
     assert load("imagenet_finetune_10pct").data.name == "imagenet2012_subset/10pct"
     transfer = load("transfer", "cifar10,finetune")
@@ -79,24 +89,69 @@ def _base(mode="linear_eval"):
 
 BAD = [
     ("linear_eval", "mode", "pretrain", r"config.mode='pretrain' is invalid: allowed values are linear_eval, finetune"),
-    ("linear_eval", "batch_size", 100, r"config.batch_size=100 is invalid: allowed values are multiples of the device count \(8\)"),
+    (
+        "linear_eval",
+        "batch_size",
+        100,
+        r"config.batch_size=100 is invalid: allowed values are multiples of the device count \(8\)",
+    ),
     ("linear_eval", "eval.batch_size", 12, r"config.eval.batch_size=12 is invalid"),
     ("linear_eval", "epochs", 0, r"config.epochs=0 is invalid: allowed values are numbers > 0"),
-    ("linear_eval", "model.ft_proj_selector", 4, r"config.model.ft_proj_selector=4 is invalid: allowed values are integers in \[-4, 3\]"),
+    (
+        "linear_eval",
+        "model.ft_proj_selector",
+        4,
+        r"config.model.ft_proj_selector=4 is invalid: allowed values are integers in \[-4, 3\]",
+    ),
     ("linear_eval", "model.stem", "vit", r"config.model.stem='vit' is invalid"),
-    ("linear_eval", "optim.name", "sgd", r"config.optim.name='sgd' is invalid: allowed values are lars, sgd_nesterov, adamw"),
+    (
+        "linear_eval",
+        "optim.name",
+        "sgd",
+        r"config.optim.name='sgd' is invalid: allowed values are lars, sgd_nesterov, adamw",
+    ),
     ("linear_eval", "optim.base_lr", -1.0, r"config.optim.base_lr=-1.0 is invalid"),
     ("linear_eval", "pretrained.step", -2, r"config.pretrained.step=-2 is invalid: allowed values are -1 \(latest\)"),
-    ("linear_eval", "pretrained.network", "target", r"config.pretrained.network='target' is invalid: allowed values are online, ema"),
+    (
+        "linear_eval",
+        "pretrained.network",
+        "target",
+        r"config.pretrained.network='target' is invalid: allowed values are online, ema",
+    ),
     ("knn", "knn.ks", (), r"config.knn.ks=\(\) is invalid: allowed values are non-empty sequences of integers >= 1"),
     ("knn", "knn.temperature", 0.0, r"config.knn.temperature=0.0 is invalid"),
-    ("knn", "knn.features", "logits", r"config.knn.features='logits' is invalid: allowed values are encoder, projection"),
-    ("fn_analysis", "fn_analysis.support_sizes", (10,), r"config.fn_analysis.support_sizes=\(10,\) is invalid: allowed values are support sizes in \[0, num_views - 2 = 8\]"),
+    (
+        "knn",
+        "knn.features",
+        "logits",
+        r"config.knn.features='logits' is invalid: allowed values are encoder, projection",
+    ),
+    (
+        "fn_analysis",
+        "fn_analysis.support_sizes",
+        (10,),
+        r"config.fn_analysis.support_sizes=\(10,\) is invalid: allowed values are support sizes in \[0, num_views - 2 = 8\]",
+    ),
     ("fn_analysis", "fn_analysis.thresholds", (1.5,), r"config.fn_analysis.thresholds=\(1.5,\) is invalid"),
     ("fn_analysis", "fn_analysis.aggregations", ("sum",), r"config.fn_analysis.aggregations=\('sum',\) is invalid"),
-    ("fn_analysis", "fn_analysis.anchor_batch_size", 3, r"config.fn_analysis.anchor_batch_size=3 is invalid: allowed values are 0 or divisors"),
-    ("fn_analysis", "batch_size", 1000, r"config.batch_size=1000 is invalid: allowed values are multiples of eval.batch_size=256"),
-    ("transfer", "transfer.protocol", "knn", r"config.transfer.protocol='knn' is invalid: allowed values are linear_eval, finetune"),
+    (
+        "fn_analysis",
+        "fn_analysis.anchor_batch_size",
+        3,
+        r"config.fn_analysis.anchor_batch_size=3 is invalid: allowed values are 0 or divisors",
+    ),
+    (
+        "fn_analysis",
+        "batch_size",
+        1000,
+        r"config.batch_size=1000 is invalid: allowed values are multiples of eval.batch_size=256",
+    ),
+    (
+        "transfer",
+        "transfer.protocol",
+        "knn",
+        r"config.transfer.protocol='knn' is invalid: allowed values are linear_eval, finetune",
+    ),
     ("transfer", "transfer.learning_rates", (0.1, 0.0), r"config.transfer.learning_rates=\(0.1, 0.0\) is invalid"),
     ("transfer", "transfer.weight_decays", (), r"config.transfer.weight_decays=\(\) is invalid"),
     ("transfer", "transfer.bn_momentum", 2.0, r"config.transfer.bn_momentum=2.0 is invalid"),
@@ -119,7 +174,10 @@ def test_bad_values_name_the_field(mode, field, value, message):
 def test_pretrained_source_rules(tmp_path):
     c = _base()
     c.pretrained.workdir = ""
-    with pytest.raises(ValueError, match=r"config.pretrained.workdir='' and config.pretrained.checkpoint='' name no pretrained weights.*allow_random_init=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"config.pretrained.workdir='' and config.pretrained.checkpoint='' name no pretrained weights.*allow_random_init=True",
+    ):
         validation.validate_eval(c, num_devices=8)
     c.pretrained.allow_random_init = True
     validation.validate_eval(c, num_devices=8)

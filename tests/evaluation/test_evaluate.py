@@ -90,7 +90,11 @@ def pretrained(tmp_path_factory) -> Pretrained:
     model, ema_model = factory.contrastive_model(config, 10), factory.contrastive_model(config, 0)
     abstract_params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 28, 28, 3)), train=False))
     tx = optim.create_optimizer(
-        name="lars", schedule=0.1, weight_decay=1e-4, momentum=0.9, trust_coefficient=1e-3,
+        name="lars",
+        schedule=0.1,
+        weight_decay=1e-4,
+        momentum=0.9,
+        trust_coefficient=1e-3,
         params=abstract_params["params"],
     )
     abstract = jax.eval_shape(functools.partial(step.init_state, config, model, ema_model, tx))
@@ -190,7 +194,10 @@ def test_model_mismatch_is_refused_before_compiling(pretrained, tiny_data):
         evaluate.run(c, str(pretrained.workdir.parent / "mismatch"))
     c.model.width_multiplier = 0.25
     c.model.stem = "cifar"
-    with pytest.raises(ValueError, match=r"config.model.stem='cifar' .* selects the cifar ResNet stem .* allowed is model.stem='imagenet'"):
+    with pytest.raises(
+        ValueError,
+        match=r"config.model.stem='cifar' .* selects the cifar ResNet stem .* allowed is model.stem='imagenet'",
+    ):
         evaluate.run(c, str(pretrained.workdir.parent / "mismatch"))
 
 
@@ -205,8 +212,18 @@ def test_restore_rules_per_mode(pretrained, tiny_data):
     variables, report = evaluate.initial_variables(c, model, source, mesh)
     assert report["restored"] == ["params/encoder", "batch_stats/encoder"]
     assert report["initialised"] == ["params/head"]
-    for name in ("params/probe", "params/projection_head", "batch_stats/projection_head", "step", "opt_state",
-                 "ema_params", "ema_batch_stats", "memory", "memory_labels", "rng"):
+    for name in (
+        "params/probe",
+        "params/projection_head",
+        "batch_stats/projection_head",
+        "step",
+        "opt_state",
+        "ema_params",
+        "ema_batch_stats",
+        "memory",
+        "memory_labels",
+        "rng",
+    ):
         assert name in report["not_read"], name
     assert set(variables["params"]) == {"encoder", "head"}
     assert same(variables["params"]["encoder"], ckpt["params"]["encoder"])
@@ -218,8 +235,12 @@ def test_restore_rules_per_mode(pretrained, tiny_data):
     # Fine-tuning: encoder and projection head (parameters and statistics), a zero head.
     c = eval_config("default_finetune", pretrained, tiny_data)
     variables, report = evaluate.initial_variables(c, factory.classifier_model(c, 10), source, mesh)
-    assert report["restored"] == ["params/encoder", "params/projection_head", "batch_stats/encoder",
-                                  "batch_stats/projection_head"]
+    assert report["restored"] == [
+        "params/encoder",
+        "params/projection_head",
+        "batch_stats/encoder",
+        "batch_stats/projection_head",
+    ]
     assert report["initialised"] == ["params/head"]
     assert "params/probe" in report["not_read"] and "params/projection_head" not in report["not_read"]
     assert same(variables["params"]["projection_head"], ckpt["params"]["projection_head"])
@@ -231,7 +252,6 @@ def test_restore_rules_per_mode(pretrained, tiny_data):
     assert same(variables["params"]["encoder"], ckpt["ema_params"]["encoder"])
     assert not same(variables["params"]["encoder"], ckpt["params"]["encoder"])
     assert "params" in report["not_read"] and "ema_params" not in report["not_read"]
-
 
 
 def test_random_init_baseline_restores_nothing(pretrained, tiny_data):
@@ -246,23 +266,41 @@ def test_random_init_baseline_restores_nothing(pretrained, tiny_data):
 
 
 def test_merge_names_the_mismatching_variable():
-    abstract = {"params": {"encoder": {"conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 3, 8), jnp.float32)}},
-                           "head": {"dense": {"kernel": jax.ShapeDtypeStruct((8, 2), jnp.float32)}}}}
+    abstract = {
+        "params": {
+            "encoder": {"conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 3, 8), jnp.float32)}},
+            "head": {"dense": {"kernel": jax.ShapeDtypeStruct((8, 2), jnp.float32)}},
+        }
+    }
     fresh = {"params": {"head": {"dense": {"kernel": jnp.zeros((8, 2))}}}}
     saved = {"params": {"encoder": {"conv": {"kernel": jnp.ones((7, 7, 3, 8))}}}}
-    with pytest.raises(ValueError, match=r"params/encoder/conv/kernel: the network has shape \(3, 3, 3, 8\), the checkpoint shape \(7, 7, 3, 8\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"params/encoder/conv/kernel: the network has shape \(3, 3, 3, 8\), the checkpoint shape \(7, 7, 3, 8\)",
+    ):
         restore.merge_pretrained(abstract, fresh, saved, restored_modules=("encoder",))
     with pytest.raises(ValueError, match="The checkpoint has no params/encoder"):
         restore.merge_pretrained(abstract, fresh, {"params": {}}, restored_modules=("encoder",))
 
 
 def test_trainable_prefixes_and_schedule():
-    assert classification.trainable_prefixes("linear_eval", ft_proj_selector=0, proj_layers=3, train_projection=False) == (("head",),)
+    assert classification.trainable_prefixes(
+        "linear_eval", ft_proj_selector=0, proj_layers=3, train_projection=False
+    ) == (("head",),)
     assert classification.trainable_prefixes("finetune", ft_proj_selector=1, proj_layers=3, train_projection=False) == (
-        ("encoder",), ("head",))
+        ("encoder",),
+        ("head",),
+    )
     assert classification.trainable_prefixes("finetune", ft_proj_selector=1, proj_layers=3, train_projection=True) == (
-        ("encoder",), ("head",), ("projection_head", "dense_0"), ("projection_head", "bn_0"))
-    assert len(classification.trainable_prefixes("finetune", ft_proj_selector=-1, proj_layers=3, train_projection=True)) == 8
+        ("encoder",),
+        ("head",),
+        ("projection_head", "dense_0"),
+        ("projection_head", "bn_0"),
+    )
+    assert (
+        len(classification.trainable_prefixes("finetune", ft_proj_selector=-1, proj_layers=3, train_projection=True))
+        == 8
+    )
     reference = optim.learning_rate_schedule(base_lr=0.3, batch_size=1, scaling="none", warmup_steps=3, total_steps=11)
     hparams = classification.make_hparams(learning_rate=0.3, weight_decay=0.0, warmup_steps=3, total_steps=11)
     steps = jnp.arange(14)
@@ -335,9 +373,12 @@ def test_finetune_starts_from_projection_layer0(pretrained, tiny_data):
     head_input = _head_input(model, variables, images)
     ckpt = pretrained.state
     feats = jax.jit(factory.contrastive_model(c, 0).apply, static_argnames="train")(
-        {"params": {k: ckpt["params"][k] for k in ("encoder", "projection_head")},
-         "batch_stats": {k: ckpt["batch_stats"][k] for k in ("encoder", "projection_head")}},
-        images, train=False,
+        {
+            "params": {k: ckpt["params"][k] for k in ("encoder", "projection_head")},
+            "batch_stats": {k: ckpt["batch_stats"][k] for k in ("encoder", "projection_head")},
+        },
+        images,
+        train=False,
     )["features"]
     p, s = ckpt["params"]["projection_head"], ckpt["batch_stats"]["projection_head"]
     h = np.asarray(feats) @ p["dense_0"]["kernel"]
@@ -400,9 +441,12 @@ def test_knn_matches_brute_force(pretrained, tiny_data, tmp_path):
     # The extracted features are the checkpoint network's pooled features of the eval-preprocessed digits.
     first = next(iter(sources.load_split(c.data, "test", process_index=0, process_count=1).batch(4)))
     direct = jax.jit(model.apply, static_argnames="train")(
-        {"params": {k: pretrained.state["params"][k] for k in ("encoder", "projection_head")},
-         "batch_stats": {k: pretrained.state["batch_stats"][k] for k in ("encoder", "projection_head")}},
-        first["image"].numpy().astype(np.float32) / 255.0, train=False,
+        {
+            "params": {k: pretrained.state["params"][k] for k in ("encoder", "projection_head")},
+            "batch_stats": {k: pretrained.state["batch_stats"][k] for k in ("encoder", "projection_head")},
+        },
+        first["image"].numpy().astype(np.float32) / 255.0,
+        train=False,
     )["features"]
     np.testing.assert_allclose(test_x[:4], direct, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(test_y[:4], first["label"].numpy())
@@ -413,12 +457,12 @@ def test_knn_matches_brute_force(pretrained, tiny_data, tmp_path):
 
 
 def _direct_fn_counts(embeddings, labels, batch_size, num_views, topk, threshold, aggregation):
-    """(selected, true) false-negative counts by a plain loop over anchors (method.md §4)."""
+    """(selected, true) false-negative counts by a plain loop over anchors (docs/method.md §4)."""
     z = embeddings[:num_views] / np.linalg.norm(embeddings[:num_views], axis=-1, keepdims=True)
     selected = true = 0
     for start in range(0, z.shape[1] // batch_size * batch_size, batch_size):
-        views = z[:, start:start + batch_size]  # (V, bs, d)
-        y = labels[start:start + batch_size]
+        views = z[:, start : start + batch_size]  # (V, bs, d)
+        y = labels[start : start + batch_size]
         candidates = views.reshape(-1, views.shape[-1])  # column v * bs + j
         candidate_labels = np.tile(y, num_views)
         for i in range(batch_size):
@@ -442,8 +486,11 @@ def test_fn_analysis_precision_matches_direct_count(pretrained, tiny_data, tmp_p
     workdir = tmp_path / "fn"
     results = evaluate.run(c, str(workdir))
     assert results["num_examples"] == NUM_TEST and results["num_views"] == 4
-    assert {p for p in results["plots"]} == {"fn_identification_S0.png", "fn_identification_S2.png",
-                                             "fn_similarity_histogram.png"}
+    assert {p for p in results["plots"]} == {
+        "fn_identification_S0.png",
+        "fn_identification_S2.png",
+        "fn_similarity_histogram.png",
+    }
     assert all((workdir / p).stat().st_size > 0 for p in results["plots"])
     # S in {0, 2} x {max, mean} x (k in {1, 5, none}) x (θ in {0.5, 0.9, none}) minus (none, none).
     assert len(results["sweep"]) == 2 * 2 * 8
@@ -452,8 +499,14 @@ def test_fn_analysis_precision_matches_direct_count(pretrained, tiny_data, tmp_p
     assert embeddings.shape == (4, NUM_TEST, 64)
     assert sorted(labels.tolist()) == sorted(sources._mnist_split("test")[1][:NUM_TEST].tolist())
     for support, aggregation, topk, threshold in ((2, "max", 5, 0.5), (0, "mean", 1, 0.5)):
-        row = next(r for r in results["sweep"] if r["support_size"] == support and r["aggregation"] == aggregation
-                   and r["topk"] == topk and r["threshold"] == threshold)
+        row = next(
+            r
+            for r in results["sweep"]
+            if r["support_size"] == support
+            and r["aggregation"] == aggregation
+            and r["topk"] == topk
+            and r["threshold"] == threshold
+        )
         num_selected, num_true = _direct_fn_counts(embeddings, labels, 64, support + 2, topk, threshold, aggregation)
         assert (row["num_selected"], row["num_true_fn"]) == (num_selected, num_true)
         assert row["precision"] == pytest.approx(num_true / num_selected)
@@ -510,14 +563,23 @@ def test_real_pretraining_then_cli_linear_eval(tmp_path):
     pretrain.run(config, str(pretrain_dir))
     eval_dir = tmp_path / "linear"
     command = [
-        sys.executable, "-m", "fnc_jax.main", "--config=configs/default_linear_eval.py", f"--workdir={eval_dir}",
-        f"--config.pretrained.workdir={pretrain_dir}", "--config.batch_size=32", "--config.total_steps=3",
+        sys.executable,
+        "-m",
+        "fnc_jax.main",
+        "--config=configs/default_linear_eval.py",
+        f"--workdir={eval_dir}",
+        f"--config.pretrained.workdir={pretrain_dir}",
+        "--config.batch_size=32",
+        "--config.total_steps=3",
         "--config.eval.batch_size=200",
     ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((eval_dir / "results.json").read_text())
-    assert results["pretrained"]["step"] == 2 and results["pretrained"]["restored"] == ["params/encoder", "batch_stats/encoder"]
+    assert results["pretrained"]["step"] == 2 and results["pretrained"]["restored"] == [
+        "params/encoder",
+        "batch_stats/encoder",
+    ]
     assert results["eval"]["num_examples"] == 1000 and results["steps"] == 3
     assert '"top1"' in done.stdout  # main prints the results
 

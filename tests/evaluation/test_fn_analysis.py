@@ -68,16 +68,15 @@ def test_anchor_sub_batches_use_sample_offset():
         assert split == whole
 
 
-def numpy_counts(embeddings, labels, batch_size, *, aggregation="max", support_only=False,
-                 topk=None, threshold=None):
+def numpy_counts(embeddings, labels, batch_size, *, aggregation="max", support_only=False, topk=None, threshold=None):
     """Direct count over global batches: (selected, true false negatives, same-label columns)."""
     emb = embeddings.astype(np.float64)
     emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
     num_views = emb.shape[0]
     selected = true = same_total = 0
     for start in range(0, emb.shape[1] - batch_size + 1, batch_size):
-        views = emb[:, start:start + batch_size]
-        batch_labels = labels[start:start + batch_size]
+        views = emb[:, start : start + batch_size]
+        batch_labels = labels[start : start + batch_size]
         candidates = views.reshape(num_views * batch_size, -1)
         candidate_labels = np.tile(batch_labels, num_views)
         for i in range(batch_size):
@@ -120,7 +119,10 @@ def test_identification_metrics_match_numpy(random_data, fn):
     embeddings, labels = random_data
     got = fn_analysis.identification_metrics(embeddings, labels, fn=fn, batch_size=8)
     selected, true, same = numpy_counts(
-        embeddings, labels, 8, aggregation=fn.aggregation,
+        embeddings,
+        labels,
+        8,
+        aggregation=fn.aggregation,
         support_only=fn.support_set == "support_only",
         topk=fn.topk if fn.uses_topk else None,
         threshold=fn.threshold if fn.uses_threshold else None,
@@ -148,22 +150,32 @@ def test_sweep_rows_name_settings_and_match_numpy(random_data, sweep_rows):
     assert {(r["support_size"], r["aggregation"], r["topk"], r["threshold"]) for r in sweep_rows} == expected
     for row in sweep_rows:
         assert row["num_views"] == 2 + row["support_size"] and row["batch_size"] == 8
-        assert row["selection"] == {(True, True): "topk_and_threshold", (True, False): "topk",
-                                    (False, True): "threshold"}[(row["topk"] is not None,
-                                                                 row["threshold"] is not None)]
+        assert (
+            row["selection"]
+            == {(True, True): "topk_and_threshold", (True, False): "topk", (False, True): "threshold"}[
+                (row["topk"] is not None, row["threshold"] is not None)
+            ]
+        )
         selected, true, same = numpy_counts(
-            embeddings[: row["num_views"]], labels, 8, aggregation=row["aggregation"],
-            topk=row["topk"], threshold=row["threshold"],
+            embeddings[: row["num_views"]],
+            labels,
+            8,
+            aggregation=row["aggregation"],
+            topk=row["topk"],
+            threshold=row["threshold"],
         )
         assert (row["num_selected"], row["num_true_fn"], row["num_same_label"]) == (selected, true, same)
 
 
 def test_sweep_row_equals_identification_metrics(random_data, sweep_rows):
     embeddings, labels = random_data
-    row = next(r for r in sweep_rows if (r["support_size"], r["aggregation"], r["topk"], r["threshold"])
-               == (2, "mean", 3, 0.2))
+    row = next(
+        r for r in sweep_rows if (r["support_size"], r["aggregation"], r["topk"], r["threshold"]) == (2, "mean", 3, 0.2)
+    )
     metrics = fn_analysis.identification_metrics(
-        embeddings, labels, batch_size=8,
+        embeddings,
+        labels,
+        batch_size=8,
         fn=FNConfig(aggregation="mean", selection="topk_and_threshold", topk=3, threshold=0.2),
     )
     assert {k: row[k] for k in metrics} == metrics
@@ -177,13 +189,15 @@ def histograms(random_data):
 @pytest.mark.parametrize("bins", [20, (-1.0, 0.0, 0.5, 0.9, 1.0)])
 def test_similarity_histograms_match_numpy(random_data, histograms, bins):
     embeddings, labels = random_data
-    got = histograms if bins == 20 else fn_analysis.similarity_histograms(
-        embeddings, labels, batch_size=8, bins=bins, anchor_batch_size=2
+    got = (
+        histograms
+        if bins == 20
+        else fn_analysis.similarity_histograms(embeddings, labels, batch_size=8, bins=bins, anchor_batch_size=2)
     )
     emb = embeddings / np.linalg.norm(embeddings, axis=-1, keepdims=True)
     same_scores, other_scores = [], []
     for start in range(0, 24, 8):
-        views, batch_labels = emb[:, start:start + 8], labels[start:start + 8]
+        views, batch_labels = emb[:, start : start + 8], labels[start : start + 8]
         candidates, candidate_labels = views.reshape(-1, emb.shape[-1]), np.tile(batch_labels, 4)
         for i in range(8):
             scores = (views[:, i] @ candidates.T).max(0)
@@ -200,7 +214,9 @@ def test_similarity_histograms_match_numpy(random_data, histograms, bins):
 def test_write_report_writes_valid_pngs(sweep_rows, histograms, tmp_path):
     paths = fn_analysis.write_report(sweep_rows, histograms, tmp_path / "report")
     assert [p.name for p in paths] == [
-        "fn_identification_S0.png", "fn_identification_S2.png", "fn_similarity_histogram.png"
+        "fn_identification_S0.png",
+        "fn_identification_S2.png",
+        "fn_similarity_histogram.png",
     ]
     for path in paths:
         data = path.read_bytes()
@@ -216,6 +232,4 @@ def test_invalid_settings_are_rejected(random_data):
     with pytest.raises(ValueError, match="batch_size"):
         fn_analysis.identification_metrics(embeddings, labels, fn=FNConfig(), batch_size=64)
     with pytest.raises(ValueError, match="anchor_batch_size"):
-        fn_analysis.identification_metrics(
-            embeddings, labels, fn=FNConfig(), batch_size=8, anchor_batch_size=3
-        )
+        fn_analysis.identification_metrics(embeddings, labels, fn=FNConfig(), batch_size=8, anchor_batch_size=3)

@@ -73,9 +73,7 @@ def test_ties_keep_lower_row_across_chunks():
     train_x = np.concatenate([base, base])
     train_y = np.array([0, 1, 2, 3, 4, 5, 6, 7, 5, 6], np.int32)
     for chunk in (None, 3):
-        scores = knn.knn_predict_scores(
-            base, train_x, train_y, num_classes=NUM_CLASSES, k=1, train_chunk_size=chunk
-        )
+        scores = knn.knn_predict_scores(base, train_x, train_y, num_classes=NUM_CLASSES, k=1, train_chunk_size=chunk)
         np.testing.assert_array_equal(np.asarray(scores).argmax(1), np.arange(5))
 
 
@@ -86,8 +84,16 @@ def test_k_larger_than_train_is_clamped(data):
     np.testing.assert_allclose(np.asarray(big), numpy_scores(test_x, small_x, small_y, 30), rtol=1e-4)
     mesh = Mesh(np.array(jax.devices()), ("data",))
     metrics = knn.knn_evaluate(
-        test_x, test_y, None, small_x, small_y, None,
-        num_classes=NUM_CLASSES, ks=(200,), mesh=mesh, batch_size=16,
+        test_x,
+        test_y,
+        None,
+        small_x,
+        small_y,
+        None,
+        num_classes=NUM_CLASSES,
+        ks=(200,),
+        mesh=mesh,
+        batch_size=16,
     )
     top1, top5 = numpy_accuracy(test_x, test_y, small_x, small_y, 30)
     assert metrics == pytest.approx({"knn_top1_k200": top1, "knn_top5_k200": top5})
@@ -103,9 +109,7 @@ def test_evaluate_sharded_equals_single_device_and_bruteforce(data):
     assert sharded == single
     want = {}
     for k in (1, 5, 20):
-        want[f"knn_top1_k{k}"], want[f"knn_top5_k{k}"] = numpy_accuracy(
-            test_x, test_y, train_x, train_y, k
-        )
+        want[f"knn_top1_k{k}"], want[f"knn_top5_k{k}"] = numpy_accuracy(test_x, test_y, train_x, train_y, k)
     assert single == pytest.approx(want)
     assert 0.3 < single["knn_top1_k20"] < 1.0  # the clusters overlap: a non-trivial task
 
@@ -123,16 +127,27 @@ def test_masked_rows_are_ignored(data):
     test_mask = np.arange(len(padded_test_x)) < len(test_x)
 
     scores = knn.knn_predict_scores(
-        test_x, padded_train_x, padded_train_y,
-        num_classes=NUM_CLASSES, k=10, train_chunk_size=64, train_mask=train_mask,
+        test_x,
+        padded_train_x,
+        padded_train_y,
+        num_classes=NUM_CLASSES,
+        k=10,
+        train_chunk_size=64,
+        train_mask=train_mask,
     )
-    np.testing.assert_allclose(
-        np.asarray(scores), numpy_scores(test_x, train_x, train_y, 10), rtol=1e-4
-    )
+    np.testing.assert_allclose(np.asarray(scores), numpy_scores(test_x, train_x, train_y, 10), rtol=1e-4)
     mesh = Mesh(np.array(jax.devices()), ("data",))
     padded = knn.knn_evaluate(
-        padded_test_x, padded_test_y, test_mask, padded_train_x, padded_train_y, train_mask,
-        num_classes=NUM_CLASSES, ks=(10,), mesh=mesh, batch_size=16,
+        padded_test_x,
+        padded_test_y,
+        test_mask,
+        padded_train_x,
+        padded_train_y,
+        train_mask,
+        num_classes=NUM_CLASSES,
+        ks=(10,),
+        mesh=mesh,
+        batch_size=16,
     )
     top1, top5 = numpy_accuracy(test_x, test_y, train_x, train_y, 10)
     assert padded == pytest.approx({"knn_top1_k10": top1, "knn_top5_k10": top5})

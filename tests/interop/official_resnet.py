@@ -52,9 +52,23 @@ class Store:
 class OfficialNetwork:
     """`resnet_v1(depth, width_multiplier, cifar_stem)` under FLAGS.sk_ratio, then the heads; inference only."""
 
-    def __init__(self, store: Store, *, depth: int, width_multiplier: float, sk_ratio: float = 0.0,
-                 cifar_stem: bool = False, prefix: str = ""):
-        self.store, self.depth, self.w, self.sk_ratio, self.cifar_stem = store, depth, width_multiplier, sk_ratio, cifar_stem
+    def __init__(
+        self,
+        store: Store,
+        *,
+        depth: int,
+        width_multiplier: float,
+        sk_ratio: float = 0.0,
+        cifar_stem: bool = False,
+        prefix: str = "",
+    ):
+        self.store, self.depth, self.w, self.sk_ratio, self.cifar_stem = (
+            store,
+            depth,
+            width_multiplier,
+            sk_ratio,
+            cifar_stem,
+        )
         self.scope = prefix + "base_model/"
         self.prefix = prefix
         self.stages: dict[str, np.ndarray] = {}
@@ -169,8 +183,16 @@ class OfficialNetwork:
         return logits
 
 
-def run(store: Store, images: np.ndarray, *, head: str | None = "head_contrastive", num_classes: int = 0,
-        ft_proj_selector: int = 0, prefix: str = "", **architecture) -> dict[str, np.ndarray]:
+def run(
+    store: Store,
+    images: np.ndarray,
+    *,
+    head: str | None = "head_contrastive",
+    num_classes: int = 0,
+    ft_proj_selector: int = 0,
+    prefix: str = "",
+    **architecture,
+) -> dict[str, np.ndarray]:
     """Every stage output of one network (the supervised head reads `proj_hidden_{ft_proj_selector}`)."""
     net = OfficialNetwork(store, prefix=prefix, **architecture)
     net.encoder(images.astype(np.float32))
@@ -186,6 +208,10 @@ def save(values: dict[str, np.ndarray], prefix: str) -> str:
     """A TF checkpoint holding exactly `values` under their names (what the official Saver writes)."""
     pathlib.Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     names = sorted(values)
-    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names),
-                      tensors=[tf.constant(values[n]) for n in names])
+    tf.raw_ops.SaveV2(
+        prefix=prefix,
+        tensor_names=names,
+        shape_and_slices=[""] * len(names),
+        tensors=[tf.constant(values[n]) for n in names],
+    )
     return prefix

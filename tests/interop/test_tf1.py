@@ -113,7 +113,9 @@ def test_every_stage_matches_the_official_outputs(golden, name, network):
     ckpt, expected = golden[name]
     official = official_stages(expected, network)
     model, variables = tf1.load(ckpt, network)
-    assert_stages_match(stage_outputs(model, variables, expected["images"], ckpt.architecture), official, f"{name} {network}")
+    assert_stages_match(
+        stage_outputs(model, variables, expected["images"], ckpt.architecture), official, f"{name} {network}"
+    )
 
     out = tf1.features(ckpt, expected["images"], network=network)
     assert set(out) == {"encoder", "projection"}  # a pretraining checkpoint has no supervised head
@@ -126,17 +128,30 @@ def test_architecture_and_inventory_are_inferred_exactly(golden, name):
     ckpt, _ = golden[name]
     facts = CHECKPOINTS[name]
     assert ckpt.architecture == Architecture(
-        depth=facts["depth"], width_multiplier=0.125, cifar_stem=False, sk_ratio=0.0, proj_layers=3,
-        proj_out_dim=128, proj_hidden_dim=0, projection_scope="head_contrastive_instance", num_classes=0,
+        depth=facts["depth"],
+        width_multiplier=0.125,
+        cifar_stem=False,
+        sk_ratio=0.0,
+        proj_layers=3,
+        proj_out_dim=128,
+        proj_hidden_dim=0,
+        projection_scope="head_contrastive_instance",
+        num_classes=0,
         classifier_input_dim=0,
     )
     assert ckpt.architecture.model_config()["stem"] == "imagenet"
     assert ckpt.global_step == 3 and ckpt.plan.networks == ("online", "ema")
-    assert {n: len(t) for n, t in ckpt.plan.targets.items()} == {"online": facts["per_network"], "ema": facts["per_network"]}
+    assert {n: len(t) for n, t in ckpt.plan.targets.items()} == {
+        "online": facts["per_network"],
+        "ema": facts["per_network"],
+    }
     assert len(ckpt.plan.ignored["optimizer slots"]) == facts["slots"]
     assert ckpt.plan.ignored["training state"] == ["global_step", "memory/memory"]
     summary = "\n".join(ckpt.summary())
-    assert f"ResNet-{facts['depth']}, width 0.125, ImageNet stem" in summary and f"{facts['slots']} (*/Momentum)" in summary
+    assert (
+        f"ResNet-{facts['depth']}, width 0.125, ImageNet stem" in summary
+        and f"{facts['slots']} (*/Momentum)" in summary
+    )
     # A directory with a `checkpoint` file is passed to TF as it is (as a gs:// path would be).
     assert tf1.read(str(GOLDEN / name)).plan == ckpt.plan
 
@@ -147,8 +162,14 @@ def test_the_tf_reference_reproduces_the_official_outputs(golden, name):
     _, expected = golden[name]
     store = official_resnet.Store(all_tensors(prefix_of(name)))
     for network, scope in (("online", ""), ("ema", "ema_model/")):
-        ours = official_resnet.run(store, expected["images"], head="head_contrastive_instance", prefix=scope,
-                                   depth=CHECKPOINTS[name]["depth"], width_multiplier=0.125)
+        ours = official_resnet.run(
+            store,
+            expected["images"],
+            head="head_contrastive_instance",
+            prefix=scope,
+            depth=CHECKPOINTS[name]["depth"],
+            width_multiplier=0.125,
+        )
         assert_stages_match(ours, official_stages(expected, network), f"TF reference, {name} {network}")
     assert not store.created  # every variable came from the checkpoint
 
@@ -167,12 +188,21 @@ def test_selective_kernel_resnet50_with_simclr_v2_heads(tmp_path):
     values |= {f"{n}/Momentum": v for n, v in store.created.items() if not n.startswith("ema_model/")}
     ckpt = tf1.read(write(values, tmp_path, "sk"))
     a = ckpt.architecture
-    assert (a.depth, a.width_multiplier, a.sk_ratio, a.cifar_stem, a.projection_scope) == (50, 0.125, 0.0625, False, "head_contrastive")
+    assert (a.depth, a.width_multiplier, a.sk_ratio, a.cifar_stem, a.projection_scope) == (
+        50,
+        0.125,
+        0.0625,
+        False,
+        "head_contrastive",
+    )
     assert (a.num_classes, a.classifier_input_dim, a.classifier_selectors()) == (10, 256, [0, 1, 2])
     assert "ResNet-D stem" in "\n".join(ckpt.summary())
     convs = ckpt.plan.targets["online"]
     assert convs["base_model/conv2d_6/kernel"] == ("params", ("encoder", "group1_block0", "sk", "mix_reduce", "kernel"))
-    assert convs["base_model/batch_normalization_6/gamma"] == ("params", ("encoder", "group1_block0", "sk", "mix_bn", "scale"))
+    assert convs["base_model/batch_normalization_6/gamma"] == (
+        "params",
+        ("encoder", "group1_block0", "sk", "mix_bn", "scale"),
+    )
 
     model, variables = tf1.load_classifier(ckpt, ft_proj_selector=1)
     assert_stages_match(stage_outputs(model, variables, IMAGES, a), online, "SK R50 online (TF reference)")
@@ -193,31 +223,45 @@ def test_sk_ratio_is_fitted_to_the_unit_widths():
 def test_simclr_v1_layout_with_the_cifar_stem(tmp_path):
     """No projection head (the SimCLR v1 releases) and a supervised head on the pooled features."""
     store = official_resnet.Store(seed=2)
-    official = official_resnet.run(store, IMAGES, head=None, num_classes=10, depth=18, width_multiplier=0.25, cifar_stem=True)
-    values = {**store.created, "head_supervised/linear_layer/dense/kernel/LARSOptimizer": np.zeros((128, 10), np.float32)}
+    official = official_resnet.run(
+        store, IMAGES, head=None, num_classes=10, depth=18, width_multiplier=0.25, cifar_stem=True
+    )
+    values = {
+        **store.created,
+        "head_supervised/linear_layer/dense/kernel/LARSOptimizer": np.zeros((128, 10), np.float32),
+    }
     ckpt = tf1.read(write(values, tmp_path, "v1"))
     a = ckpt.architecture
     assert (a.depth, a.width_multiplier, a.cifar_stem, a.proj_layers, a.projection_scope) == (18, 0.25, True, 0, None)
     assert a.model_config()["stem"] == "cifar" and a.classifier_selectors() == [0] and ckpt.global_step is None
-    assert ckpt.plan.networks == ("online",) and ckpt.plan.ignored == {"optimizer slots": [
-        "head_supervised/linear_layer/dense/kernel/LARSOptimizer"]}
+    assert ckpt.plan.networks == ("online",) and ckpt.plan.ignored == {
+        "optimizer slots": ["head_supervised/linear_layer/dense/kernel/LARSOptimizer"]
+    }
     model, variables = tf1.load_classifier(ckpt)
     assert_stages_match(stage_outputs(model, variables, IMAGES, a), official, "CIFAR-stem R18, v1 heads (TF reference)")
     out = tf1.features(ckpt, IMAGES)
     assert set(out) == {"encoder", "logits"}  # no projection head: no projection
-    np.testing.assert_allclose(out["logits"], official["logits_sup"], rtol=0, atol=TOLERANCE * np.abs(official["logits_sup"]).max())
+    np.testing.assert_allclose(
+        out["logits"], official["logits_sup"], rtol=0, atol=TOLERANCE * np.abs(official["logits_sup"]).max()
+    )
     with pytest.raises(ValueError, match=r"network='ema' but .* holds no ema_model/ network: allowed is 'online'"):
         tf1.load(ckpt, "ema")
 
 
 def simclr_v2_renamed(name: str, input_dim: int, rng) -> tuple[dict, np.ndarray, np.ndarray]:
     """The official checkpoint as SimCLR v2 names it, plus a supervised head of known values."""
-    values = {n.replace("head_contrastive_instance/", "head_contrastive/"): v
-              for n, v in all_tensors(prefix_of(name)).items() if n != "memory/memory"}
+    values = {
+        n.replace("head_contrastive_instance/", "head_contrastive/"): v
+        for n, v in all_tensors(prefix_of(name)).items()
+        if n != "memory/memory"
+    }
     kernel = rng.standard_normal((input_dim, 10)).astype(np.float32)
     bias = rng.standard_normal(10).astype(np.float32)
-    values |= {"head_supervised/linear_layer/dense/kernel": kernel, "head_supervised/linear_layer/dense/bias": bias,
-               "head_supervised/linear_layer/dense/kernel/Momentum": np.zeros_like(kernel)}
+    values |= {
+        "head_supervised/linear_layer/dense/kernel": kernel,
+        "head_supervised/linear_layer/dense/bias": bias,
+        "head_supervised/linear_layer/dense/kernel/Momentum": np.zeros_like(kernel),
+    }
     return values, kernel, bias
 
 
@@ -238,8 +282,9 @@ def test_simclr_v2_names_and_a_supervised_head(golden, tmp_path):
     out = tf1.features(ckpt, IMAGES, ft_proj_selector=1)
     official = expected["proj_hidden_1"].astype(np.float64) @ kernel + bias  # from the official hidden layer
     assert deviation(out["logits"], official)[1] <= TOLERANCE
-    np.testing.assert_array_equal(tf1.features(ckpt, IMAGES, network="ema")["encoder"],
-                                  tf1.features(ckpt_fnc, IMAGES, network="ema")["encoder"])
+    np.testing.assert_array_equal(
+        tf1.features(ckpt, IMAGES, network="ema")["encoder"], tf1.features(ckpt_fnc, IMAGES, network="ema")["encoder"]
+    )
     with pytest.raises(ValueError, match=r"ft_proj_selector=3 is invalid: .* 64-d input; allowed are \[0, 1, 2\]"):
         tf1.features(ckpt, IMAGES, ft_proj_selector=3)
 
@@ -253,12 +298,27 @@ def test_simclr_v2_names_and_a_supervised_head(golden, tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"drop": "base_model/batch_normalization_7/moving_variance"}, r"missing base_model/batch_normalization_7/moving_variance"),
+        (
+            {"drop": "base_model/batch_normalization_7/moving_variance"},
+            r"missing base_model/batch_normalization_7/moving_variance",
+        ),
         ({"drop": "ema_model/base_model/conv2d_12/kernel"}, r"missing ema_model/base_model/conv2d_12/kernel"),
-        ({"drop": "head_contrastive_instance/nl_1/batch_normalization/beta"}, r"missing head_contrastive_instance/nl_1/batch_normalization/beta"),
-        ({"add": "base_model/dense/kernel"}, r"1 variables that are no part of the inferred network: base_model/dense/kernel"),
-        ({"add": "head_contrastive_instance/nl_2/batch_normalization/beta"}, r"no part of the inferred network: head_contrastive_instance/nl_2/batch_normalization/beta"),
-        ({"add": "base_model/conv2d_3/bias"}, r"base_model/conv2d_3/bias: convolutions with a bias \(squeeze-excitation"),
+        (
+            {"drop": "head_contrastive_instance/nl_1/batch_normalization/beta"},
+            r"missing head_contrastive_instance/nl_1/batch_normalization/beta",
+        ),
+        (
+            {"add": "base_model/dense/kernel"},
+            r"1 variables that are no part of the inferred network: base_model/dense/kernel",
+        ),
+        (
+            {"add": "head_contrastive_instance/nl_2/batch_normalization/beta"},
+            r"no part of the inferred network: head_contrastive_instance/nl_2/batch_normalization/beta",
+        ),
+        (
+            {"add": "base_model/conv2d_3/bias"},
+            r"base_model/conv2d_3/bias: convolutions with a bias \(squeeze-excitation",
+        ),
         ({"add": "head_contrastive/nl_0/dense/kernel"}, r"two projection heads"),
     ],
 )

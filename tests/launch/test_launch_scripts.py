@@ -25,7 +25,8 @@ LOCAL = LAUNCH / "local_gpu.sh"
 _LOG = r"""{ printf '%s' "${0##*/}"; printf '\x1f%s' "$@"; printf '\n'; } >> "$STUB_LOG"
 """
 STUBS = {
-    "gcloud": _LOG + r"""
+    "gcloud": _LOG
+    + r"""
 case " $* " in
   *" describe "*)  # next queued TPU state; the last one repeats
     head -n 1 "$STUB_STATES"
@@ -43,21 +44,39 @@ esac
     "srun": _LOG + 'while [[ $1 == -* ]]; do shift; done\nSLURM_PROCID=0 SLURM_LOCALID=0 exec "$@"\n',
     # Record which GPUs the process would see as a first pseudo-argument.
     "python": r"""set -- "CVD=${CUDA_VISIBLE_DEVICES-unset}" "$@"
-""" + _LOG,
+"""
+    + _LOG,
     "python3": _LOG + 'case " $* " in *" fnc_jax.main "*) exit "${STUB_PYTHON_EXIT:-0}" ;; esac\n',
 }
 
 GCLOUD_TPU = ["gcloud", "compute", "tpus", "tpu-vm"]
 ZONE = "us-central2-b"
 TPU_ARGS = [
-    "--name", "fnc-test", "--zone", ZONE, "--accelerator-type", "v4-64",
-    "--version=tpu-ubuntu2204-base", "--repo", "REPO", "--ref", "v1.2",
-    "--config", "configs/imagenet.py", "--workdir", "gs://bucket/run1",
-    "--config.num_epochs=3", "--config.name=it's a run",
+    "--name",
+    "fnc-test",
+    "--zone",
+    ZONE,
+    "--accelerator-type",
+    "v4-64",
+    "--version=tpu-ubuntu2204-base",
+    "--repo",
+    "REPO",
+    "--ref",
+    "v1.2",
+    "--config",
+    "configs/imagenet.py",
+    "--workdir",
+    "gs://bucket/run1",
+    "--config.num_epochs=3",
+    "--config.name=it's a run",
 ]
 TRAIN_ARGV = [
-    "-m", "fnc_jax.main", "--config=configs/imagenet.py", "--workdir=gs://bucket/run1",
-    "--config.num_epochs=3", "--config.name=it's a run",
+    "-m",
+    "fnc_jax.main",
+    "--config=configs/imagenet.py",
+    "--workdir=gs://bucket/run1",
+    "--config.num_epochs=3",
+    "--config.name=it's a run",
 ]
 
 
@@ -78,17 +97,24 @@ class Env:
         self.home = root / "home"
         self.home.mkdir()
         self.env = {
-            k: v for k, v in os.environ.items()
+            k: v
+            for k, v in os.environ.items()
             if not k.startswith(("SLURM_", "FNC_JAX_", "CUDA_VISIBLE_DEVICES", "PYTHON"))
         }
         self.env.update(
             PATH=f"{self.bin}{os.pathsep}{os.environ['PATH']}",
-            STUB_LOG=str(self.log), STUB_STATES=str(self.states), HOME=str(self.home),
+            STUB_LOG=str(self.log),
+            STUB_STATES=str(self.states),
+            HOME=str(self.home),
         )
 
     def run(self, script, *args, check=True, **env):
         proc = subprocess.run(
-            [str(script), *args], env={**self.env, **env}, capture_output=True, text=True, timeout=60,
+            [str(script), *args],
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if check:
             assert proc.returncode == 0, proc.stderr
@@ -119,7 +145,7 @@ def both_modes(stubs, script, *args, **env):
 
 
 def command_of(call):
-    (command,) = [a[len("--command="):] for a in call if a.startswith("--command=")]
+    (command,) = [a[len("--command=") :] for a in call if a.startswith("--command=")]
     return command
 
 
@@ -163,10 +189,17 @@ def test_missing_or_bad_argument_is_named(stubs, script, args, missing):
 @pytest.mark.parametrize("spot", [True, False])
 def test_tpu_create(stubs, spot):
     calls = both_modes(stubs, TPU, "create", *TPU_ARGS, *(["--spot"] if spot else []))
-    assert calls == [GCLOUD_TPU + [
-        "create", "fnc-test", f"--zone={ZONE}", "--accelerator-type=v4-64",
-        "--version=tpu-ubuntu2204-base", *(["--spot"] if spot else []),
-    ]]
+    assert calls == [
+        GCLOUD_TPU
+        + [
+            "create",
+            "fnc-test",
+            f"--zone={ZONE}",
+            "--accelerator-type=v4-64",
+            "--version=tpu-ubuntu2204-base",
+            *(["--spot"] if spot else []),
+        ]
+    ]
 
 
 def test_tpu_project_is_passed(stubs):
@@ -192,10 +225,16 @@ def test_tpu_install_train_logs_delete_commands(stubs):
     assert shlex.split(inner.split(";")[0]) == ["python3", *TRAIN_ARGV]
 
     stubs.log.write_text("")
-    assert both_modes(stubs, TPU, "logs", "--name", "fnc-test", "--zone", ZONE) == [GCLOUD_TPU + [
-        "ssh", "fnc-test", f"--zone={ZONE}", "--worker=0",
-        "--command=tail -n 200 -F $HOME/fnc_jax_train.log",
-    ]]
+    assert both_modes(stubs, TPU, "logs", "--name", "fnc-test", "--zone", ZONE) == [
+        GCLOUD_TPU
+        + [
+            "ssh",
+            "fnc-test",
+            f"--zone={ZONE}",
+            "--worker=0",
+            "--command=tail -n 200 -F $HOME/fnc_jax_train.log",
+        ]
+    ]
     stubs.log.write_text("")
     assert both_modes(stubs, TPU, "delete", "--name", "fnc-test", "--zone", ZONE) == [
         GCLOUD_TPU + ["delete", "fnc-test", f"--zone={ZONE}", "--quiet"]
@@ -207,8 +246,13 @@ def git_repo(tmp_path):
     repo = tmp_path / "src"
     repo.mkdir()
     (repo / "marker.txt").write_text("fnc_jax")
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     for cmd in (["init", "-q", "-b", "main"], ["add", "."], ["commit", "-q", "-m", "x"], ["tag", "v1.2"]):
         subprocess.run(["git", "-C", str(repo), *cmd], check=True, env=env)
     return f"file://{repo}"
@@ -261,14 +305,26 @@ def test_tpu_watch_dry_run_shows_recovery(stubs):
 def test_tpu_watch_recreates_preempted_slice_and_resumes(stubs, git_repo, exit_code):
     stubs.states.write_text("PREEMPTED\nREADY\n")
     args = [a if a != "REPO" else git_repo for a in TPU_ARGS]
-    proc = stubs.run(TPU, "watch", *args, "--spot", "--poll-seconds=0.1", check=False,
-                     STUB_EXEC_SSH="1", STUB_PYTHON_EXIT=str(exit_code))
+    proc = stubs.run(
+        TPU,
+        "watch",
+        *args,
+        "--spot",
+        "--poll-seconds=0.1",
+        check=False,
+        STUB_EXEC_SSH="1",
+        STUB_PYTHON_EXIT=str(exit_code),
+    )
     assert proc.returncode == exit_code, proc.stderr
     gcloud = stubs.calls("gcloud")
     assert [c[4] for c in gcloud[:6]] == ["describe", "delete", "create", "ssh", "ssh", "describe"]
     assert gcloud[2] == GCLOUD_TPU + [
-        "create", "fnc-test", f"--zone={ZONE}", "--accelerator-type=v4-64",
-        "--version=tpu-ubuntu2204-base", "--spot",
+        "create",
+        "fnc-test",
+        f"--zone={ZONE}",
+        "--accelerator-type=v4-64",
+        "--version=tpu-ubuntu2204-base",
+        "--spot",
     ]
     assert "--worker=all" in gcloud[3] and "--worker=all" in gcloud[4]
     # Training was restarted once, with the same workdir (so it resumes), and ran to its end.
@@ -282,20 +338,52 @@ def test_tpu_watch_recreates_preempted_slice_and_resumes(stubs, git_repo, exit_c
 
 def test_slurm_submit(stubs):
     calls = both_modes(
-        stubs, SUBMIT, "--nodes", "2", "--gpus-per-node=8", "--config", "configs/imagenet.py",
-        "--workdir", "/shared/run1", "--time", "01:00:00", "--partition", "gpu",
+        stubs,
+        SUBMIT,
+        "--nodes",
+        "2",
+        "--gpus-per-node=8",
+        "--config",
+        "configs/imagenet.py",
+        "--workdir",
+        "/shared/run1",
+        "--time",
+        "01:00:00",
+        "--partition",
+        "gpu",
         "--config.num_epochs=3",
     )
-    assert calls == [[
-        "sbatch", "--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", f"--chdir={REPO_ROOT}",
-        "--time=01:00:00", "--partition=gpu", str(SBATCH),
-        "--config=configs/imagenet.py", "--workdir=/shared/run1", "--config.num_epochs=3",
-    ]]
+    assert calls == [
+        [
+            "sbatch",
+            "--nodes=2",
+            "--ntasks-per-node=8",
+            "--gpus-per-node=8",
+            f"--chdir={REPO_ROOT}",
+            "--time=01:00:00",
+            "--partition=gpu",
+            str(SBATCH),
+            "--config=configs/imagenet.py",
+            "--workdir=/shared/run1",
+            "--config.num_epochs=3",
+        ]
+    ]
 
 
 def test_slurm_submit_explicit_coordinator(stubs):
-    (call,) = both_modes(stubs, SUBMIT, "--nodes", "1", "--gpus-per-node", "4", "--config", "c",
-                         "--workdir", "w", "--explicit-coordinator")
+    (call,) = both_modes(
+        stubs,
+        SUBMIT,
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "4",
+        "--config",
+        "c",
+        "--workdir",
+        "w",
+        "--explicit-coordinator",
+    )
     assert "--export=ALL,FNC_JAX_EXPLICIT_COORDINATOR=1" in call
 
 
@@ -315,14 +403,20 @@ def test_slurm_batch_script_explicit_coordinator(stubs):
     env = {**SLURM_JOB, "FNC_JAX_EXPLICIT_COORDINATOR": "1"}
     printed = dry_run_commands(stubs.run(SBATCH, *SBATCH_ARGS, "--dry-run", **env))
     assert printed[0] == ["scontrol", "show", "hostnames", "node[001-002]"]
-    assert printed[1][-len(SBATCH_ARGS) - 2:] == ["python", "HEAD_NODE:24242", *SBATCH_ARGS]
+    assert printed[1][-len(SBATCH_ARGS) - 2 :] == ["python", "HEAD_NODE:24242", *SBATCH_ARGS]
     stubs.run(SBATCH, *SBATCH_ARGS, **env)
     scontrol, srun, python = stubs.calls()
     assert scontrol == ["scontrol", "show", "hostnames", "node[001-002]"]
     assert srun[:4] == ["srun", "--kill-on-bad-exit=1", "bash", "-c"]
     assert python == [
-        "python", "CVD=0", "-m", "fnc_jax.main", "--coordinator_address=node001:24242",
-        "--num_processes=16", "--process_id=0", *SBATCH_ARGS,
+        "python",
+        "CVD=0",
+        "-m",
+        "fnc_jax.main",
+        "--coordinator_address=node001:24242",
+        "--num_processes=16",
+        "--process_id=0",
+        *SBATCH_ARGS,
     ]
 
 
@@ -337,6 +431,4 @@ def test_local_gpu(stubs, gpus):
     expected = ["python", *main] if gpus is None else ["env", "CUDA_VISIBLE_DEVICES=0,1", "python", *main]
     assert printed == []  # not a dry run: the stub ran
     assert stubs.calls() == [["python", f"CVD={gpus or 'unset'}", *main]]
-    assert dry_run_commands(
-        stubs.run(LOCAL, *args, *(["--gpus", gpus] if gpus else []), "--dry-run")
-    ) == [expected]
+    assert dry_run_commands(stubs.run(LOCAL, *args, *(["--gpus", gpus] if gpus else []), "--dry-run")) == [expected]

@@ -117,9 +117,7 @@ def test_probe_gradient_does_not_reach_encoder():
 
     # Only the encoder and projection-head gradients are returned; they are symbolically zero, so
     # XLA drops the forward pass and this compiles quickly.
-    grads = jax.jit(lambda p: {k: v for k, v in jax.grad(probe_loss)(p).items() if k != "probe"})(
-        variables["params"]
-    )
+    grads = jax.jit(lambda p: {k: v for k, v in jax.grad(probe_loss)(p).items() if k != "probe"})(variables["params"])
     assert all(bool(jnp.all(g == 0)) for g in jax.tree.leaves(grads))
 
 
@@ -158,9 +156,7 @@ def test_classifier_selector_feeds_the_chosen_hidden_layer():
     params = {k: v for k, v in pretrained["params"].items() if k != "probe"} | {"head": {"dense": head}}
     variables = {"params": params, "batch_stats": pretrained["batch_stats"]}
     images = jnp.asarray(rng.uniform(size=IMAGES.shape), jnp.float32)
-    logits, state = jax.jit(lambda v, x: model.apply(v, x, train=False, capture_intermediates=True))(
-        variables, images
-    )
+    logits, state = jax.jit(lambda v, x: model.apply(v, x, train=False, capture_intermediates=True))(variables, images)
     _, hiddens = state["intermediates"]["projection_head"]["__call__"][0]
     assert bool(jnp.all(hiddens[1] >= 0))
     np.testing.assert_allclose(logits, hiddens[1] @ head["kernel"] + head["bias"], rtol=1e-5, atol=1e-5)

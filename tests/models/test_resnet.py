@@ -4,10 +4,10 @@ import functools
 
 import flax.linen as nn
 import jax
-from flax import traverse_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from fnc_jax.models import ResNet, resnet_feature_dim
 from fnc_jax.models.resnet import BasicBlock, BottleneckBlock, ProjectionShortcut, fixed_padding
@@ -35,9 +35,7 @@ def _init_cheaply(module, *args, **kwargs):
         lambda k: {p: v for p, v in traverse_util.flatten_dict(init(k, *args)).items() if p[-1] != "kernel"}
     )(key)
     rng = np.random.default_rng(0)
-    kernels = {
-        p: jnp.asarray(rng.normal(0.0, 0.2, s.shape), s.dtype) for p, s in shapes.items() if p[-1] == "kernel"
-    }
+    kernels = {p: jnp.asarray(rng.normal(0.0, 0.2, s.shape), s.dtype) for p, s in shapes.items() if p[-1] == "kernel"}
     return traverse_util.unflatten_dict({**rest, **kernels})
 
 
@@ -124,8 +122,14 @@ def test_fresh_identity_block_passes_its_input(block_cls, width):
 def test_sk_se_bottleneck_with_resnet_d_shortcut_runs():
     conv, norm = _block_parts(train=True)
     block = BottleneckBlock(
-        filters=8, strides=2, use_projection=True, conv=conv, norm=norm, avg_down=True,
-        sk_ratio=0.0625, se_ratio=0.25,
+        filters=8,
+        strides=2,
+        use_projection=True,
+        conv=conv,
+        norm=norm,
+        avg_down=True,
+        sk_ratio=0.0625,
+        se_ratio=0.25,
     )
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, 5, 16)), jnp.float32)
     variables = _init_cheaply(block, x)
@@ -138,9 +142,7 @@ def test_sk_se_bottleneck_with_resnet_d_shortcut_runs():
     assert params["shortcut"]["conv"]["kernel"].shape == (1, 1, 16, 32)
 
 
-@pytest.mark.parametrize(
-    "depth, sk_ratio, se_ratio", [(18, 0.0625, 0.0), (34, 0.0625, 0.25), (50, 0.0625, 0.25)]
-)
+@pytest.mark.parametrize("depth, sk_ratio, se_ratio", [(18, 0.0625, 0.0), (34, 0.0625, 0.25), (50, 0.0625, 0.25)])
 def test_sk_and_se_networks_trace_on_odd_sizes(depth, sk_ratio, se_ratio):
     """ResNet-D pools the shortcut input, so strided basic blocks line up (official bug #9)."""
     model = ResNet(depth, sk_ratio=sk_ratio, se_ratio=se_ratio)

@@ -9,7 +9,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # Runs in a fresh interpreter in which every training-stack package, and every fnc_jax module outside
 # the loss library, fails to import.
-SCRIPT = r'''
+SCRIPT = r"""
 import importlib.abc, sys
 
 BLOCKED = ("flax", "optax", "orbax", "tensorflow", "tensorflow_datasets", "clu", "ml_collections", "absl",
@@ -32,12 +32,16 @@ loss, aux = objectives.fnc_loss(z, labels=jnp.arange(8) % 2)
 grad = jax.grad(lambda e: objectives.fnc_loss(e)[0])(z)
 assert bool(jnp.isfinite(loss)) and bool(jnp.all(jnp.isfinite(grad)))
 print("ok", float(loss), int(aux["num_fn"].sum()))
-'''
+"""
 
 
 def test_objectives_import_and_run_with_jax_alone():
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", SCRIPT],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
