@@ -53,10 +53,20 @@ GRIDS: dict[str, tuple[Method, ...]] = {
     ),
     "schedule": (
         _MULTIVIEW,
-        _fn("attraction_start0.5_ramp0.25", fn__mode="attraction", fn__start_fraction=0.5, fn__ramp_fraction=0.25,
-            fn__ramp_from_topk=1),
-        _fn("elimination_start0.5_ramp0.25", fn__mode="elimination", fn__start_fraction=0.5, fn__ramp_fraction=0.25,
-            fn__ramp_from_topk=1),
+        _fn(
+            "attraction_start0.5_ramp0.25",
+            fn__mode="attraction",
+            fn__start_fraction=0.5,
+            fn__ramp_fraction=0.25,
+            fn__ramp_from_topk=1,
+        ),
+        _fn(
+            "elimination_start0.5_ramp0.25",
+            fn__mode="elimination",
+            fn__start_fraction=0.5,
+            fn__ramp_fraction=0.25,
+            fn__ramp_from_topk=1,
+        ),
     ),
     "debiased": (
         _MULTIVIEW,

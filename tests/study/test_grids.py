@@ -4,11 +4,10 @@ from fnc_jax import config_base, errors
 from fnc_jax.study import grids
 
 
-def test_grids_except_schedule_name_existing_fields():
+def test_every_grid_names_existing_fields():
     base = config_base.pretrain_config()
     for name in grids.GRIDS:
-        if name != "schedule":  # its fields (fn.start_fraction, ...) are being added on main
-            grids.validate(grids.grid(name), base)
+        grids.validate(grids.grid(name), base)
 
 
 def test_unknown_field_and_grid_are_refused():
