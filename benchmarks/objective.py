@@ -98,7 +98,7 @@ def matmul_passes(variant: str, mode: str, low_memory: bool) -> dict[str, int]:
     (memory rows carry no gradient); the rematerialised scan (low_memory=True) recomputes the logits once more.
     """
     passes = {
-        "fn_scores": 0 if DEBIASED_MODES.get(mode, (None, mode))[1] == "none" else 1,
+        "fn_scores": 0 if _fn_mode(mode) == "none" else 1,
         "logits_forward": 1,
         "logits_recomputed_in_backward": 1 if low_memory else 0,
         "grad_anchors": 1,
@@ -118,10 +118,15 @@ def analytic_flops(variant, mode, low_memory, views, local_batch, columns, dim) 
 # Building the jitted loss + gradient (imports jax lazily: XLA_FLAGS must be set first).
 
 
+def _fn_mode(mode: str) -> str:
+    """The FNConfig mode of a benchmark mode (a DCL / HCL mode names its own)."""
+    return DEBIASED_MODES[mode][1] if mode in DEBIASED_MODES else mode
+
+
 def _fn_config(mode: str):
     from fnc_jax.objectives import FNConfig
 
-    return FNConfig(**MODE_CONFIGS[DEBIASED_MODES.get(mode, (None, mode))[1]])
+    return FNConfig(**MODE_CONFIGS[_fn_mode(mode)])
 
 
 def _describe(mode: str) -> Any:

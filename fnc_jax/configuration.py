@@ -51,7 +51,7 @@ def fn_config(config: ml_collections.ConfigDict) -> FNConfig:
 
 
 def schedule_is_on(config: ml_collections.ConfigDict) -> bool:
-    return bool(config.fn.get("start_fraction", 0.0) or config.fn.get("ramp_fraction", 0.0))
+    return bool(config.fn.start_fraction or config.fn.ramp_fraction)
 
 
 def validate_fn_schedule(config: ml_collections.ConfigDict, fn: FNConfig) -> None:
