@@ -96,20 +96,14 @@ def _encoder_variables(config, source, mesh) -> tuple[Any, dict, dict]:
 def _run_knn(config, workdir, source, info, mesh) -> dict[str, Any]:
     model, variables, report = _encoder_variables(config, source, mesh)
     output = "features" if config.knn.features == "encoder" else "projection"
-    bs = config.eval.batch_size
-    train_x, train_y = features.extract(
-        model, variables, config, config.data.train_split, mesh, batch_size=bs, output=output
-    )
-    test_x, test_y = features.extract(
-        model, variables, config, config.data.eval_split, mesh, batch_size=bs, output=output
+    (train_x, train_y), (test_x, test_y) = features.extract_train_and_eval(
+        model, variables, config, mesh, output=output
     )
     scores = knn.knn_evaluate(
         test_x,
         test_y,
-        None,
         train_x,
         train_y,
-        None,
         num_classes=info.num_classes,
         ks=tuple(config.knn.ks),
         temperature=config.knn.temperature,
