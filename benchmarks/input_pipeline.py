@@ -326,21 +326,19 @@ def _run_stage(spec: dict[str, Any], tf) -> dict[str, Any]:
     def views_of(image, seed):
         def one(view_seed):
             if stage == "decode_crop":  # box sampling + slice + float conversion, no resize
-                crop_seed = augment._split(view_seed, 6)[0]
-                begin, crop_size = augment.sample_crop_box(tf.shape(image), crop_seed)
+                begin, crop_size = augment.sample_crop_box(tf.shape(image), augment.view_seeds(view_seed).crop)
                 crop = tf.image.convert_image_dtype(tf.slice(image, begin, crop_size), tf.float32)
                 return tf.reduce_mean(crop, axis=[0, 1])
             if stage == "alternative_decode_crop_resize_bilinear":  # what a cheaper resize kernel would cost
-                crop_seed = augment._split(view_seed, 6)[0]
-                begin, crop_size = augment.sample_crop_box(tf.shape(image), crop_seed)
+                begin, crop_size = augment.sample_crop_box(tf.shape(image), augment.view_seeds(view_seed).crop)
                 crop = tf.image.convert_image_dtype(tf.slice(image, begin, crop_size), tf.float32)
                 view = tf.image.resize(crop, (size, size), method="bilinear", antialias=False)
                 return tf.reduce_mean(view, axis=[0, 1])
             if stage.startswith("decode_crop_resize"):
-                crop_seed, flip_seed = augment._split(view_seed, 6)[:2]
-                view = augment.random_resized_crop(image, crop_seed, size=size)
+                seeds = augment.view_seeds(view_seed)
+                view = augment.random_resized_crop(image, seeds.crop, size=size)
                 if stage == "decode_crop_resize_flip_clip":  # the float host path before any colour work
-                    view = tf.clip_by_value(augment.random_flip(view, flip_seed), 0.0, 1.0)
+                    view = tf.clip_by_value(augment.random_flip(view, seeds.flip), 0.0, 1.0)
             else:
                 view = augment.pretrain_view(
                     image,

@@ -1,4 +1,4 @@
-"""RandAugment's policy, shared by the host ops (`augment`) and the device ops (`randaugment_jax`).
+"""RandAugment's policy, shared by the host ops (`randaugment_host`) and the device ops (`randaugment_jax`).
 
 The one list of ops (order of the TPU-models EfficientNet `autoaugment` module), the fill value and the
 arguments each op takes at a magnitude, so that both implementations draw and apply the same policy.

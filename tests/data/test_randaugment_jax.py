@@ -1,4 +1,4 @@
-"""Device RandAugment (fnc_jax.data.randaugment_jax) against the host ops (augment.rand_augment_op) on a photo."""
+"""Device RandAugment (fnc_jax.data.randaugment_jax) against the host ops (randaugment_host.rand_augment_op) on a photo."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from skimage import data as skdata
 
-from fnc_jax.data import augment, randaugment_jax, randaugment_policy
+from fnc_jax.data import randaugment_host, randaugment_jax, randaugment_policy
 
 PHOTO = skdata.astronaut()[::8, ::8].copy()  # 64 x 64 real photo, uint8
 SIGNED = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY")
@@ -15,7 +15,11 @@ SIGNED = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY")
 
 def _host(name, seed):
     index = randaugment_policy.OPS.index(name)
-    return augment.rand_augment_op(tf.constant(PHOTO), index, tf.constant([seed, 0], tf.int64)).numpy().astype(int)
+    return (
+        randaugment_host.rand_augment_op(tf.constant(PHOTO), index, tf.constant([seed, 0], tf.int64))
+        .numpy()
+        .astype(int)
+    )
 
 
 @pytest.mark.parametrize("name", [n for n in randaugment_policy.OPS if n != "Cutout"])
@@ -44,7 +48,7 @@ def test_cutout_is_one_grey_square_and_identity_at_magnitude_0():
     np.testing.assert_array_equal(out[~grey], PHOTO[~grey])
     # Posterize is left out: magnitude 0 keeps 0 bits, a shift by 8 that TF leaves undefined on uint8.
     for name in ("Rotate", "ShearX", "TranslateY", "Cutout", "Solarize", "Brightness"):
-        host0 = augment.rand_augment_op(
+        host0 = randaugment_host.rand_augment_op(
             tf.constant(PHOTO), randaugment_policy.OPS.index(name), tf.constant([0, 0], tf.int64), magnitude=0
         ).numpy()
         dev0 = np.asarray(randaugment_jax.op(name)(q, 0, jax.random.key(1)))
