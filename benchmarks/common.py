@@ -140,6 +140,11 @@ def matmul_rate(size: int = 2048, repeats: int = 5) -> dict[str, Any]:
     }
 
 
+def speed_calibration(before: dict[str, Any]) -> dict[str, Any]:
+    """The JSON record of the machine's speed: `before` (a `matmul_rate()` taken at the start) and one now."""
+    return {"matmul_before": before, "matmul_after": matmul_rate()}
+
+
 def _cpu_model_name() -> str | None:
     try:
         with open("/proc/cpuinfo") as f:
@@ -262,21 +267,6 @@ def random_batch(config, mesh, *, num_classes: int, seed: int = 0):
         "labels": rng.integers(0, max(num_classes, 1), shapes["labels"][0]).astype(np.int32),
     }
     return jax.device_put(host, parallel.batch_sharded(mesh))
-
-
-def random_canvases(batch: int, views: int, canvas: int, seed: int = 0):
-    """An `augment.crop_on_device` batch on the host: uint8 canvases (batch, canvas, canvas, 3) holding a
-    3:4 image at the top-left, and int32 crops (batch, views, 5): 1/3 to all of each of the image's
-    sides, anywhere in it, with random flips. Also the tests' canvas batches."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    image_h, image_w = canvas * 3 // 4, canvas
-    height = rng.integers(image_h // 3, image_h + 1, (batch, views))
-    width = rng.integers(image_w // 3, image_w + 1, (batch, views))
-    top, left = rng.integers(0, image_h - height + 1), rng.integers(0, image_w - width + 1)
-    crops = np.stack([top, left, height, width, rng.integers(0, 2, (batch, views))], -1)
-    return rng.integers(0, 256, (batch, canvas, canvas, 3), dtype=np.uint8), crops.astype(np.int32)
 
 
 # ----------------------------------------------------------------------------------------------

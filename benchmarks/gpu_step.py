@@ -64,12 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def time_crop_resize(batch: int, views: int, size: int, canvas: int, repeats: int) -> dict[str, Any]:
     """Device time of `augment_jax.crop_resize_views` for `batch` canvases of side `canvas` with `views`
-    crops each (`common.random_canvases`), as `augment.crop_on_device` adds it to the step."""
+    crops each (`layout.random_canvases`), as `augment.crop_on_device` adds it to the step."""
     import jax
 
-    from fnc_jax.data import augment_jax
+    from fnc_jax.data import augment_jax, layout
 
-    canvases, crops = jax.device_put(common.random_canvases(batch, views, canvas))
+    canvases, crops = jax.device_put(layout.random_canvases(batch, views, canvas))
     cut = jax.jit(augment_jax.crop_resize_views, static_argnums=2)
     compiled = cut.lower(canvases, crops, size).compile()
     jax.block_until_ready(compiled(canvases, crops))
@@ -98,6 +98,7 @@ def main(argv=None) -> dict[str, Any]:
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     t_start = time.time()
+    calibration = common.matmul_rate()
     import jax
     import jax.numpy as jnp
 
@@ -281,6 +282,7 @@ def main(argv=None) -> dict[str, Any]:
         },
         "attempts": attempts,
         "result": chosen,
+        "speed_calibration": common.speed_calibration(calibration),
         "wall_s": round(time.time() - t_start, 1),
     }
     return result

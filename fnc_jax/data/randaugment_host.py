@@ -168,6 +168,16 @@ def rand_augment_op(
     return tf.ensure_shape(result, image.shape)
 
 
+def layer_draws(seed: tf.Tensor, num_layers: int) -> list[tuple[tf.Tensor, tf.Tensor]]:
+    """(op index, uniform over `policy.OPS`; seed of the op's arguments) of each layer."""
+    draws = []
+    for layer_seed in stateless.split(seed, num_layers):
+        op_seed, arg_seed = stateless.split(layer_seed, 2)
+        index = tf.random.stateless_uniform([], op_seed, minval=0, maxval=len(policy.OPS), dtype=tf.int32)
+        draws.append((index, arg_seed))
+    return draws
+
+
 @stateless.plain_tf
 def rand_augment(
     image: tf.Tensor, seed: tf.Tensor, *, num_layers: int = policy.NUM_LAYERS, magnitude: int = policy.MAGNITUDE
@@ -177,8 +187,6 @@ def rand_augment(
     Converts to uint8 as trunc(min(x·255.5, 255)) and back with /255, as the official pipeline did.
     """
     image = tf.image.convert_image_dtype(image, tf.uint8, saturate=True)
-    for layer_seed in stateless.split(seed, num_layers):
-        op_seed, arg_seed = stateless.split(layer_seed, 2)
-        index = tf.random.stateless_uniform([], op_seed, minval=0, maxval=len(policy.OPS), dtype=tf.int32)
+    for index, arg_seed in layer_draws(seed, num_layers):
         image = rand_augment_op(image, index, arg_seed, magnitude=magnitude)
     return tf.image.convert_image_dtype(image, tf.float32)

@@ -12,7 +12,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 from fake_imagenet import write_fake_image_folder  # noqa: E402
 
-from fnc_jax.data import augment, augment_jax, pipeline, sources  # noqa: E402
+from fnc_jax.data import augment, augment_jax, layout, pipeline, sources  # noqa: E402
 
 IMAGE_SIZE = 16
 
@@ -108,8 +108,9 @@ def test_crop_on_device_stream_is_canvases_and_the_same_crops(mnist_stream):
     a = take(pipeline.pretrain_iterator(views, process_index=0, process_count=2), 2)
     b = take(pipeline.pretrain_iterator(canvases, process_index=0, process_count=2), 2)
     settings = augment_jax.ViewAugment(
-        color_on_device=True,
+        path=layout.data_path(canvases),
         color_strength=1.0,
+        randaugment=False,
         blur=False,
         blur_sigma_groups=None,
         solarize_p=0.0,
