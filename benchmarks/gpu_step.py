@@ -25,7 +25,8 @@ statistics and the loss in float32). `cost_analysis` counts a while loop's body 
 rematerialised view-by-view loss scan is under-counted (about 0.3% of the step FLOPs at the official shapes).
 
 3. Prices `augment.crop_on_device` on the same device: `augment_jax.crop_resize_views` cutting the chosen
-   batch's views from 512 px canvases (tiny: 48 px), in ms per view and as a share of the step.
+   batch's views from 512 px canvases (tiny: 48 px), in ms per view and as a share of the step; and the
+   device colour ops (`augment.on_device`) without and with RandAugment(2, 7) on the same views.
 """
 
 from __future__ import annotations
@@ -85,6 +86,37 @@ def time_crop_resize(batch: int, views: int, size: int, canvas: int, repeats: in
         "ms_per_view": seconds * 1e3 / (batch * views),
         "bytes_accessed_per_view": float(cost.get("bytes accessed", 0.0)) / (batch * views),
     }
+
+
+def time_device_colour(batch: int, views: int, size: int, repeats: int) -> dict[str, Any]:
+    """Device time per view of the colour part of `augment.on_device` (`pretrain_device_augment` without
+    blur) on one tensor of `batch * views` random views, without and with RandAugment."""
+    import jax
+    import numpy as np
+
+    from fnc_jax.data import augment_jax
+
+    images = jax.device_put(np.random.default_rng(0).random((batch * views, size, size, 3), dtype=np.float32))
+    key = jax.random.PRNGKey(0)
+    keys = jax.block_until_ready([jax.random.fold_in(key, i) for i in range(repeats)])  # made before the timer
+    out: dict[str, Any] = {}
+    for name, randaugment in (("colour_jitter_grayscale", False), ("colour_jitter_randaugment_grayscale", True)):
+
+        def colour(x, k, randaugment=randaugment):
+            return augment_jax.pretrain_device_augment(x, k, color_on_device=True, randaugment=randaugment, blur=False)
+
+        compiled = jax.jit(colour).lower(images, key).compile()
+        jax.block_until_ready(compiled(images, key))
+        t = time.perf_counter()
+        for k in keys:
+            result = compiled(images, k)
+        jax.block_until_ready(result)
+        seconds = (time.perf_counter() - t) / repeats
+        out[name] = {"s_per_step": seconds, "ms_per_view": seconds * 1e3 / (batch * views)}
+    out["randaugment_ms_per_view"] = (
+        out["colour_jitter_randaugment_grayscale"]["ms_per_view"] - out["colour_jitter_grayscale"]["ms_per_view"]
+    )
+    return out
 
 
 def is_oom(err: BaseException) -> bool:
@@ -245,6 +277,10 @@ def main(argv=None) -> dict[str, Any]:
             canvas = 48 if tiny else 512
             chosen["crop_on_device"] = time_crop_resize(batch, views, cfg.data.image_size, canvas, steps)
             chosen["crop_on_device"]["share_of_step"] = chosen["crop_on_device"]["s_per_step"] / step_s
+            colour = time_device_colour(batch, views, cfg.data.image_size, steps)
+            for part in ("colour_jitter_grayscale", "colour_jitter_randaugment_grayscale"):
+                colour[part]["share_of_step"] = colour[part]["s_per_step"] / step_s
+            chosen["device_colour"] = colour
             break
         except Exception as err:  # noqa: BLE001 (an OOM surfaces as several error types)
             if not is_oom(err):

@@ -316,8 +316,6 @@ class ViewAugment:
 
     def __post_init__(self) -> None:
         layout.check_path(self.path)
-        if self.randaugment and not self.color_on_device:
-            raise ValueError(f"randaugment=True needs a data path with the colour ops on the device, not {self.path!r}")
 
     @property
     def color_on_device(self) -> bool:

@@ -144,6 +144,9 @@ def test_gpu_step_benchmark_quick_on_cpu():
     assert res["loss_finite"] and res["loss_dtype"] == "float32" and res["params_dtypes"] == ["float32"]
     crop = res["crop_on_device"]
     assert crop["canvas"] == 48 and positive(crop["ms_per_view"]) and 0 < crop["share_of_step"]
+    colour = res["device_colour"]
+    for part in ("colour_jitter_grayscale", "colour_jitter_randaugment_grayscale"):
+        assert positive(colour[part]["ms_per_view"]) and 0 < colour[part]["share_of_step"], part
     assert r["shapes"]["dtype"] == "bfloat16"
     assert res["mfu"] is None  # no peak is known for a CPU
     assert any(a.get("result") == "ok" for a in r["attempts"])
