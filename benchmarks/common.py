@@ -234,14 +234,20 @@ def abstract_state(bundle):
 
 
 def batch_shapes(config) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """(shape, dtype) of each entry of a global batch on the config's data path (`layout.BATCH_LAYOUTS`):
+    views, or with `augment.crop_on_device` canvases of side `augment.canvas_size` (0: the view size)."""
     import numpy as np
 
-    size = config.data.image_size
-    views = 2 + config.views.support_size
-    return {
-        "images": ((config.batch_size, views, size, size, 3), np.float32),
-        "labels": ((config.batch_size,), np.int32),
-    }
+    from fnc_jax.data import layout
+
+    b, size, views = config.batch_size, config.data.image_size, 2 + config.views.support_size
+    path = layout.data_path(config)
+    dims = {"images": (b, views, size, size, 3)}
+    if path == layout.DEVICE_CROP:
+        canvas = config.augment.canvas_size or size
+        dims = {"images": (b, canvas, canvas, 3), "crops": (b, views, 5)}
+    shapes = {key: (dims[key], np.dtype(dtype)) for key, (dtype, _) in layout.BATCH_LAYOUTS[path].items()}
+    return {**shapes, "labels": ((b,), np.dtype(np.int32))}
 
 
 def abstract_batch(config, mesh):
@@ -254,18 +260,26 @@ def abstract_batch(config, mesh):
 
 
 def random_batch(config, mesh, *, num_classes: int, seed: int = 0):
-    """A synthetic global batch on the devices, sharded over the sample axis like the real input."""
+    """A synthetic global batch on the devices, sharded over the sample axis like the real input: uniform
+    views (float32 in [0, 1), or uint8), or canvases and crops (`layout.random_canvases`)."""
     import jax
     import numpy as np
 
     from fnc_jax import parallel
+    from fnc_jax.data import layout
 
     rng = np.random.default_rng(seed)
     shapes = batch_shapes(config)
-    host = {
-        "images": rng.random(shapes["images"][0], dtype=np.float32),
-        "labels": rng.integers(0, max(num_classes, 1), shapes["labels"][0]).astype(np.int32),
-    }
+    images_shape = shapes["images"][0]
+    path = layout.data_path(config)
+    if path == layout.DEVICE_CROP:
+        canvases, crops = layout.random_canvases(images_shape[0], shapes["crops"][0][1], images_shape[1], seed)
+        host = {"images": canvases, "crops": crops}
+    elif path == layout.DEVICE_COLOUR:
+        host = {"images": rng.integers(0, 256, images_shape, dtype=np.uint8)}
+    else:
+        host = {"images": rng.random(images_shape, dtype=np.float32)}
+    host["labels"] = rng.integers(0, max(num_classes, 1), shapes["labels"][0]).astype(np.int32)
     return jax.device_put(host, parallel.batch_sharded(mesh))
 
 

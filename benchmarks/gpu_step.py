@@ -13,8 +13,9 @@ chip), within 8 minutes including compiles and warm-up:
    pick the largest candidate predicted to fit in the device's memory (`memory_stats()['bytes_limit']`),
    then compiles and runs that one, stepping down the list on a predicted or real out-of-memory error.
 2. Times `--steps` steps after 2 warm-up steps (synthetic views already on the device: the step alone,
-   not the input pipeline), and prints images/s, views/s, the step's FLOPs from XLA's `cost_analysis()`,
-   the achieved TFLOP/s and the MFU against the chip's dense bf16 peak (`fnc_jax.loop.PEAK_FLOPS`).
+   not the input pipeline; with `--augment-on-device`, canvases and crops that the step cuts and
+   augments), and prints images/s, views/s, the step's FLOPs from XLA's `cost_analysis()`, the achieved
+   TFLOP/s and the MFU against the chip's dense bf16 peak (`fnc_jax.loop.PEAK_FLOPS`).
 
 On a machine without an accelerator (platform detected by JAX) it runs a tiny model instead (ResNet-18 at
 1/8 width, 32 px, V = 4, memory 8x) with the same code path, so a CPU test keeps the script working.
@@ -53,6 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default="configs/imagenet.py")
     p.add_argument("--quick", action="store_true", help="fewer steps (the CPU path is tiny anyway)")
     p.add_argument("--force-tiny", action="store_true", help="the tiny model even on an accelerator")
+    p.add_argument(
+        "--augment-on-device",
+        action="store_true",
+        help="the official recipe at full speed: augment.on_device and crop_on_device (512 px canvases, tiny: "
+        "48), so the step also cuts the views and runs colour, RandAugment, grayscale and blur",
+    )
     p.add_argument(
         "--assume-bytes-limit",
         type=int,
@@ -136,6 +143,7 @@ def main(argv=None) -> dict[str, Any]:
 
     from benchmarks.compile_time import load_config
     from fnc_jax import loop, parallel
+    from fnc_jax.data import layout
 
     cache_dir = common.enable_compile_cache(args)
     device = jax.devices()[0]
@@ -146,7 +154,10 @@ def main(argv=None) -> dict[str, Any]:
     if tiny:
         config.model.depth, config.model.width_multiplier = 18, 0.125
         config.data.image_size, config.views.support_size, config.memory.multiplier = 32, 2, 8
-        config.augment.use_randaugment = False
+        config.augment.use_randaugment = args.augment_on_device  # at 32 px only the device path runs it here
+    if args.augment_on_device:
+        config.augment.on_device = config.augment.crop_on_device = True
+        config.augment.canvas_size = 48 if tiny else 512
     candidates = (
         tuple(int(b) for b in args.batches.split(",")) if args.batches else (CPU_BATCHES if tiny else GPU_BATCHES)
     )
@@ -314,6 +325,8 @@ def main(argv=None) -> dict[str, Any]:
             "memory_multiplier": config.memory.multiplier,
             "dtype": config.dtype,
             "fn_mode": config.fn.mode,
+            "data_path": layout.data_path(config),
+            "randaugment_on_device": bool(config.augment.use_randaugment and config.augment.on_device),
             "candidates": list(candidates),
         },
         "attempts": attempts,
