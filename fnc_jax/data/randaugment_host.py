@@ -129,7 +129,7 @@ def rand_augment_op(
     args = policy.arguments(magnitude)
     level = args.level
     sign_seed, cutout_seed = stateless.split(seed, 2)
-    sign = tf.where(stateless.uniform(sign_seed, 0.0, 1.0) < 0.5, -1.0, 1.0)
+    sign = tf.where(stateless.uniform(sign_seed, 0.0, 1.0) < policy.NEGATE_P, -1.0, 1.0)
     enhance = args.enhance
     shear = sign * level * args.shear_scale
     shift = sign * level * args.translate_scale

@@ -125,7 +125,7 @@ def apply_op(q: jax.Array, index: jax.Array, magnitude: float, key: jax.Array) -
     signed arguments (positive with p = 0.5) and the cutout centre, as the host's seed does."""
     args = policy.arguments(magnitude)
     sign_key, y_key, x_key = jax.random.split(key, 3)
-    sign = jnp.where(jax.random.uniform(sign_key) < 0.5, -1.0, 1.0)
+    sign = jnp.where(jax.random.uniform(sign_key) < policy.NEGATE_P, -1.0, 1.0)
     height, width = q.shape[0], q.shape[1]
     lut = _luts(q, args)[index]
     q = jnp.take_along_axis(lut, q.astype(jnp.int32).reshape(-1, 3).T, axis=1).T.reshape(q.shape)

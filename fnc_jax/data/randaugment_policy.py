@@ -25,6 +25,7 @@ OPS = (
     "SolarizeAdd",
 )
 GRAY = 128  # fill value of the geometric ops and cutout
+NEGATE_P = 0.5  # probability that a signed argument (rotate, shear, translate) is negated
 MAX_LEVEL = 10.0
 NUM_LAYERS = 2  # the official recipe: RandAugment(2, 7)
 MAGNITUDE = 7
