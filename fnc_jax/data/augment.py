@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from fnc_jax.data import randaugment_host, stateless
+from fnc_jax.data import randaugment_host, recipe, stateless
 
 # The whole image as the only "object" box: `min_object_covered` then bounds the crop area from below.
 _WHOLE_IMAGE = (((0.0, 0.0, 1.0, 1.0),),)
@@ -170,11 +170,12 @@ def color_jitter(image: tf.Tensor, seed: tf.Tensor, *, strength: float = 1.0) ->
     factor bound is clamped at 0 (the official code crashes for strength > 1.25 instead).
     """
     order_seed, b_seed, c_seed, s_seed, h_seed = stateless.split(seed, 5)
-    lower, upper = max(0.0, 1.0 - 0.8 * strength), 1.0 + 0.8 * strength
+    spread, hue_spread = recipe.JITTER_SPREAD * strength, recipe.HUE_SPREAD * strength
+    lower, upper = max(0.0, 1.0 - spread), 1.0 + spread
     brightness = stateless.uniform(b_seed, lower, upper)
     contrast = stateless.uniform(c_seed, lower, upper)
     saturation = stateless.uniform(s_seed, lower, upper)
-    hue = stateless.uniform(h_seed, -0.2 * strength, 0.2 * strength)
+    hue = stateless.uniform(h_seed, -hue_spread, hue_spread)
     order = tf.argsort(tf.random.stateless_uniform([4], order_seed))
     for i in range(4):
         branches = [
@@ -221,10 +222,10 @@ def pretrain_view(
     view = random_resized_crop(image, seeds.crop, size=image_size, area_range=area_range)
     view = random_flip(view, seeds.flip)
     jitter = functools.partial(color_jitter, seed=seeds.jitter, strength=color_strength)
-    view = random_apply(jitter, view, seeds.jitter_coin, 0.8)
+    view = random_apply(jitter, view, seeds.jitter_coin, recipe.JITTER_P)
     if use_randaugment:
         view = randaugment_host.rand_augment(tf.clip_by_value(view, 0.0, 1.0), seeds.randaugment)
-    view = random_apply(to_grayscale, view, seeds.gray_coin, 0.2)
+    view = random_apply(to_grayscale, view, seeds.gray_coin, recipe.GRAYSCALE_P)
     return tf.ensure_shape(tf.clip_by_value(view, 0.0, 1.0), shape)
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fnc_jax.data import layout, randaugment_jax
+from fnc_jax.data import layout, randaugment_jax, recipe
 
 _GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 # Orders of the colour-jitter ops (0 brightness, 1 contrast, 2 saturation, 3 hue).
@@ -88,7 +88,7 @@ def _maybe(key: jax.Array, p: float, transformed: jax.Array, image: jax.Array) -
     return jnp.where(jax.random.uniform(key) < p, transformed, image)
 
 
-def color_jitter(image: jax.Array, key: jax.Array, *, strength: float = 1.0, p: float = 0.8) -> jax.Array:
+def color_jitter(image: jax.Array, key: jax.Array, *, strength: float = 1.0, p: float = recipe.JITTER_P) -> jax.Array:
     """With probability p: brightness, contrast, saturation, hue in a random order, each clipped to [0, 1].
 
     Same factor ranges as the host `augment.color_jitter`: U[max(0, 1 − 0.8s), 1 + 0.8s) for the first
@@ -97,9 +97,10 @@ def color_jitter(image: jax.Array, key: jax.Array, *, strength: float = 1.0, p: 
     value), and the order is one of the 24 permutations picked by a single uniform draw.
     """
     coin, b, c, s, h, pick = jax.random.uniform(key, (6,))
-    lower, upper = jnp.maximum(0.0, 1.0 - 0.8 * strength), 1.0 + 0.8 * strength  # strength may be traced
+    spread = recipe.JITTER_SPREAD * strength  # strength may be traced
+    lower, upper = jnp.maximum(0.0, 1.0 - spread), 1.0 + spread
     brightness, contrast, saturation = (lower + (upper - lower) * u for u in (b, c, s))
-    hue = 0.2 * strength * (2.0 * h - 1.0)
+    hue = recipe.HUE_SPREAD * strength * (2.0 * h - 1.0)
     order = jnp.asarray(_PERMUTATIONS)[jnp.minimum(jnp.floor(pick * 24).astype(jnp.int32), 23)]
 
     def step(x: jax.Array, op: jax.Array) -> tuple[jax.Array, None]:
@@ -112,7 +113,7 @@ def color_jitter(image: jax.Array, key: jax.Array, *, strength: float = 1.0, p: 
     return jnp.where(coin < p, jittered, image)
 
 
-def grayscale(image: jax.Array, key: jax.Array, *, p: float = 0.2) -> jax.Array:
+def grayscale(image: jax.Array, key: jax.Array, *, p: float = recipe.GRAYSCALE_P) -> jax.Array:
     """`to_grayscale` with probability p."""
     return _maybe(key, p, to_grayscale(image), image)
 
@@ -127,12 +128,14 @@ def _per_image(op, images: jax.Array, key: jax.Array, **kwargs) -> jax.Array:
     return jax.vmap(functools.partial(op, **kwargs))(images, keys)
 
 
-def batch_color_jitter(images: jax.Array, key: jax.Array, *, strength: float = 1.0, p: float = 0.8) -> jax.Array:
+def batch_color_jitter(
+    images: jax.Array, key: jax.Array, *, strength: float = 1.0, p: float = recipe.JITTER_P
+) -> jax.Array:
     """`color_jitter` on (N, H, W, 3) with an independent draw per image."""
     return _per_image(color_jitter, images, key, strength=strength, p=p)
 
 
-def batch_grayscale(images: jax.Array, key: jax.Array, *, p: float = 0.2) -> jax.Array:
+def batch_grayscale(images: jax.Array, key: jax.Array, *, p: float = recipe.GRAYSCALE_P) -> jax.Array:
     """`grayscale` on (N, H, W, 3) with an independent coin per image."""
     return _per_image(grayscale, images, key, p=p)
 
@@ -171,8 +174,8 @@ def gaussian_blur(
     images: jax.Array,
     key: jax.Array,
     *,
-    p: float = 0.5,
-    sigma_range: Sequence[float] = (0.1, 2.0),
+    p: float = recipe.BLUR_P,
+    sigma_range: Sequence[float] = recipe.BLUR_SIGMA_RANGE,
     num_sigma_groups: int | None = None,
     padding: str = "zeros",
 ) -> jax.Array:
