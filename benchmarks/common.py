@@ -140,6 +140,11 @@ def matmul_rate(size: int = 2048, repeats: int = 5) -> dict[str, Any]:
     }
 
 
+def speed_calibration(before: dict[str, Any]) -> dict[str, Any]:
+    """The JSON record of the machine's speed: `before` (a `matmul_rate()` taken at the start) and one now."""
+    return {"matmul_before": before, "matmul_after": matmul_rate()}
+
+
 def _cpu_model_name() -> str | None:
     try:
         with open("/proc/cpuinfo") as f:
@@ -229,14 +234,20 @@ def abstract_state(bundle):
 
 
 def batch_shapes(config) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """(shape, dtype) of each entry of a global batch on the config's data path (`layout.BATCH_LAYOUTS`):
+    views, or with `augment.crop_on_device` canvases of side `augment.canvas_size` (0: the view size)."""
     import numpy as np
 
-    size = config.data.image_size
-    views = 2 + config.views.support_size
-    return {
-        "images": ((config.batch_size, views, size, size, 3), np.float32),
-        "labels": ((config.batch_size,), np.int32),
-    }
+    from fnc_jax.data import layout
+
+    b, size, views = config.batch_size, config.data.image_size, 2 + config.views.support_size
+    path = layout.data_path(config)
+    dims = {"images": (b, views, size, size, 3)}
+    if path == layout.DEVICE_CROP:
+        canvas = config.augment.canvas_size or size
+        dims = {"images": (b, canvas, canvas, 3), "crops": (b, views, 5)}
+    shapes = {key: (dims[key], np.dtype(dtype)) for key, (dtype, _) in layout.BATCH_LAYOUTS[path].items()}
+    return {**shapes, "labels": ((b,), np.dtype(np.int32))}
 
 
 def abstract_batch(config, mesh):
@@ -249,34 +260,27 @@ def abstract_batch(config, mesh):
 
 
 def random_batch(config, mesh, *, num_classes: int, seed: int = 0):
-    """A synthetic global batch on the devices, sharded over the sample axis like the real input."""
+    """A synthetic global batch on the devices, sharded over the sample axis like the real input: uniform
+    views (float32 in [0, 1), or uint8), or canvases and crops (`layout.random_canvases`)."""
     import jax
     import numpy as np
 
     from fnc_jax import parallel
+    from fnc_jax.data import layout
 
     rng = np.random.default_rng(seed)
     shapes = batch_shapes(config)
-    host = {
-        "images": rng.random(shapes["images"][0], dtype=np.float32),
-        "labels": rng.integers(0, max(num_classes, 1), shapes["labels"][0]).astype(np.int32),
-    }
+    images_shape = shapes["images"][0]
+    path = layout.data_path(config)
+    if path == layout.DEVICE_CROP:
+        canvases, crops = layout.random_canvases(images_shape[0], shapes["crops"][0][1], images_shape[1], seed)
+        host = {"images": canvases, "crops": crops}
+    elif path == layout.DEVICE_COLOUR:
+        host = {"images": rng.integers(0, 256, images_shape, dtype=np.uint8)}
+    else:
+        host = {"images": rng.random(images_shape, dtype=np.float32)}
+    host["labels"] = rng.integers(0, max(num_classes, 1), shapes["labels"][0]).astype(np.int32)
     return jax.device_put(host, parallel.batch_sharded(mesh))
-
-
-def random_canvases(batch: int, views: int, canvas: int, seed: int = 0):
-    """An `augment.crop_on_device` batch on the host: uint8 canvases (batch, canvas, canvas, 3) holding a
-    3:4 image at the top-left, and int32 crops (batch, views, 5): 1/3 to all of each of the image's
-    sides, anywhere in it, with random flips. Also the tests' canvas batches."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    image_h, image_w = canvas * 3 // 4, canvas
-    height = rng.integers(image_h // 3, image_h + 1, (batch, views))
-    width = rng.integers(image_w // 3, image_w + 1, (batch, views))
-    top, left = rng.integers(0, image_h - height + 1), rng.integers(0, image_w - width + 1)
-    crops = np.stack([top, left, height, width, rng.integers(0, 2, (batch, views))], -1)
-    return rng.integers(0, 256, (batch, canvas, canvas, 3), dtype=np.uint8), crops.astype(np.int32)
 
 
 # ----------------------------------------------------------------------------------------------

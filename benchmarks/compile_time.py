@@ -54,6 +54,7 @@ def load_config(path: str):
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     common.set_device_count(args.devices)
+    calibration = common.matmul_rate()
     import jax
 
     jax.config.update("jax_enable_compilation_cache", False)  # measure real compiles
@@ -134,6 +135,7 @@ def main(argv=None) -> dict[str, Any]:
             "temp_bytes_scaled_to_official_batch": mem.get("temp_bytes", 0) * scale if mem else None,
         },
         "hlo": {"optimized_hlo_chars": len(hlo_text), "optimized_hlo_lines": hlo_text.count("\n")},
+        "speed_calibration": common.speed_calibration(calibration),
     }
     if "memory_analysis_error" in stats:
         result["memory_analysis"]["error"] = stats["memory_analysis_error"]

@@ -13,8 +13,9 @@ chip), within 8 minutes including compiles and warm-up:
    pick the largest candidate predicted to fit in the device's memory (`memory_stats()['bytes_limit']`),
    then compiles and runs that one, stepping down the list on a predicted or real out-of-memory error.
 2. Times `--steps` steps after 2 warm-up steps (synthetic views already on the device: the step alone,
-   not the input pipeline), and prints images/s, views/s, the step's FLOPs from XLA's `cost_analysis()`,
-   the achieved TFLOP/s and the MFU against the chip's dense bf16 peak (`fnc_jax.loop.PEAK_FLOPS`).
+   not the input pipeline; with `--augment-on-device`, canvases and crops that the step cuts and
+   augments), and prints images/s, views/s, the step's FLOPs from XLA's `cost_analysis()`, the achieved
+   TFLOP/s and the MFU against the chip's dense bf16 peak (`fnc_jax.loop.PEAK_FLOPS`).
 
 On a machine without an accelerator (platform detected by JAX) it runs a tiny model instead (ResNet-18 at
 1/8 width, 32 px, V = 4, memory 8x) with the same code path, so a CPU test keeps the script working.
@@ -25,7 +26,8 @@ statistics and the loss in float32). `cost_analysis` counts a while loop's body 
 rematerialised view-by-view loss scan is under-counted (about 0.3% of the step FLOPs at the official shapes).
 
 3. Prices `augment.crop_on_device` on the same device: `augment_jax.crop_resize_views` cutting the chosen
-   batch's views from 512 px canvases (tiny: 48 px), in ms per view and as a share of the step.
+   batch's views from 512 px canvases (tiny: 48 px), in ms per view and as a share of the step; and the
+   device colour ops (`augment.on_device`) without and with RandAugment(2, 7) on the same views.
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="fewer steps (the CPU path is tiny anyway)")
     p.add_argument("--force-tiny", action="store_true", help="the tiny model even on an accelerator")
     p.add_argument(
+        "--augment-on-device",
+        action="store_true",
+        help="the official recipe at full speed: augment.on_device and crop_on_device (512 px canvases, tiny: "
+        "48), so the step also cuts the views and runs colour, RandAugment, grayscale and blur",
+    )
+    p.add_argument(
         "--assume-bytes-limit",
         type=int,
         help="pretend the device has this much memory (tests the batch search on a CPU, which reports no limit)",
@@ -64,12 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def time_crop_resize(batch: int, views: int, size: int, canvas: int, repeats: int) -> dict[str, Any]:
     """Device time of `augment_jax.crop_resize_views` for `batch` canvases of side `canvas` with `views`
-    crops each (`common.random_canvases`), as `augment.crop_on_device` adds it to the step."""
+    crops each (`layout.random_canvases`), as `augment.crop_on_device` adds it to the step."""
     import jax
 
-    from fnc_jax.data import augment_jax
+    from fnc_jax.data import augment_jax, layout
 
-    canvases, crops = jax.device_put(common.random_canvases(batch, views, canvas))
+    canvases, crops = jax.device_put(layout.random_canvases(batch, views, canvas))
     cut = jax.jit(augment_jax.crop_resize_views, static_argnums=2)
     compiled = cut.lower(canvases, crops, size).compile()
     jax.block_until_ready(compiled(canvases, crops))
@@ -87,6 +95,37 @@ def time_crop_resize(batch: int, views: int, size: int, canvas: int, repeats: in
     }
 
 
+def time_device_colour(batch: int, views: int, size: int, repeats: int) -> dict[str, Any]:
+    """Device time per view of the colour part of `augment.on_device` (`pretrain_device_augment` without
+    blur) on one tensor of `batch * views` random views, without and with RandAugment."""
+    import jax
+    import numpy as np
+
+    from fnc_jax.data import augment_jax
+
+    images = jax.device_put(np.random.default_rng(0).random((batch * views, size, size, 3), dtype=np.float32))
+    key = jax.random.PRNGKey(0)
+    keys = jax.block_until_ready([jax.random.fold_in(key, i) for i in range(repeats)])  # made before the timer
+    out: dict[str, Any] = {}
+    for name, randaugment in (("colour_jitter_grayscale", False), ("colour_jitter_randaugment_grayscale", True)):
+
+        def colour(x, k, randaugment=randaugment):
+            return augment_jax.pretrain_device_augment(x, k, color_on_device=True, randaugment=randaugment, blur=False)
+
+        compiled = jax.jit(colour).lower(images, key).compile()
+        jax.block_until_ready(compiled(images, key))
+        t = time.perf_counter()
+        for k in keys:
+            result = compiled(images, k)
+        jax.block_until_ready(result)
+        seconds = (time.perf_counter() - t) / repeats
+        out[name] = {"s_per_step": seconds, "ms_per_view": seconds * 1e3 / (batch * views)}
+    out["randaugment_ms_per_view"] = (
+        out["colour_jitter_randaugment_grayscale"]["ms_per_view"] - out["colour_jitter_grayscale"]["ms_per_view"]
+    )
+    return out
+
+
 def is_oom(err: BaseException) -> bool:
     text = f"{type(err).__name__}: {err}"
     return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM"))
@@ -98,11 +137,13 @@ def main(argv=None) -> dict[str, Any]:
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     t_start = time.time()
+    calibration = common.matmul_rate()
     import jax
     import jax.numpy as jnp
 
     from benchmarks.compile_time import load_config
     from fnc_jax import loop, parallel
+    from fnc_jax.data import layout
 
     cache_dir = common.enable_compile_cache(args)
     device = jax.devices()[0]
@@ -113,7 +154,10 @@ def main(argv=None) -> dict[str, Any]:
     if tiny:
         config.model.depth, config.model.width_multiplier = 18, 0.125
         config.data.image_size, config.views.support_size, config.memory.multiplier = 32, 2, 8
-        config.augment.use_randaugment = False
+        config.augment.use_randaugment = args.augment_on_device  # at 32 px only the device path runs it here
+    if args.augment_on_device:
+        config.augment.on_device = config.augment.crop_on_device = True
+        config.augment.canvas_size = 48 if tiny else 512
     candidates = (
         tuple(int(b) for b in args.batches.split(",")) if args.batches else (CPU_BATCHES if tiny else GPU_BATCHES)
     )
@@ -244,6 +288,10 @@ def main(argv=None) -> dict[str, Any]:
             canvas = 48 if tiny else 512
             chosen["crop_on_device"] = time_crop_resize(batch, views, cfg.data.image_size, canvas, steps)
             chosen["crop_on_device"]["share_of_step"] = chosen["crop_on_device"]["s_per_step"] / step_s
+            colour = time_device_colour(batch, views, cfg.data.image_size, steps)
+            for part in ("colour_jitter_grayscale", "colour_jitter_randaugment_grayscale"):
+                colour[part]["share_of_step"] = colour[part]["s_per_step"] / step_s
+            chosen["device_colour"] = colour
             break
         except Exception as err:  # noqa: BLE001 (an OOM surfaces as several error types)
             if not is_oom(err):
@@ -277,10 +325,13 @@ def main(argv=None) -> dict[str, Any]:
             "memory_multiplier": config.memory.multiplier,
             "dtype": config.dtype,
             "fn_mode": config.fn.mode,
+            "data_path": layout.data_path(config),
+            "randaugment_on_device": bool(config.augment.use_randaugment and config.augment.on_device),
             "candidates": list(candidates),
         },
         "attempts": attempts,
         "result": chosen,
+        "speed_calibration": common.speed_calibration(calibration),
         "wall_s": round(time.time() - t_start, 1),
     }
     return result

@@ -28,6 +28,10 @@ Variants, at 224 px (V = 10 views per image, the official recipe) and at 32 px (
   - `pretrain_on_device_crop`: `augment.crop_on_device=True` as well: the host decodes, pads each image
     onto a canvas (512 px at 224, 32 px at 32) and draws the V crop boxes and flips; the device cuts the
     views (`device/crop_resize` prices that part on this CPU).
+  - `pretrain_on_device_colour_randaugment`, `pretrain_on_device_crop_randaugment`: the official recipe
+    (RandAugment on) on those two paths, RandAugment on the device (`device/randaugment` prices it on
+    this CPU, next to `device/colour_jitter_grayscale`). `official_recipe` puts their host CPU-ms per
+    view side by side with the host recipe's, measured in the same run.
   - `eval`: evaluation preprocessing (centre crop 87.5 %, resize; 32 px: none), 1 view per image.
 
 `stages` (224 px, same pinning): cumulative host work per image with V views, using the functions of
@@ -71,8 +75,12 @@ VARIANTS_224 = (
     "pretrain_host",
     "pretrain_on_device_colour",
     "pretrain_on_device_crop",
+    "pretrain_on_device_colour_randaugment",
+    "pretrain_on_device_crop_randaugment",
     "eval",
 )
+# The official recipe's host cost per view must stay at or under this with crop_on_device (issue 17).
+TARGET_CROP_ON_DEVICE_HOST_MS_PER_VIEW = 0.15
 VARIANTS_32 = VARIANTS_224
 CANVAS = {224: 512, 32: 32}  # crop_on_device canvas side: the 224 px set's photos are at most 500 px
 STAGES = (
@@ -228,9 +236,9 @@ def _config(spec: dict[str, Any]):
     c.data.shuffle_buffer = 16
     c.views.support_size = spec["views"] - 2
     variant = spec["variant"]
-    c.augment.use_randaugment = variant == "pretrain_host_randaugment"
-    c.augment.on_device = variant in ("pretrain_on_device_colour", "pretrain_on_device_crop")
-    c.augment.crop_on_device = variant == "pretrain_on_device_crop"
+    c.augment.use_randaugment = variant.endswith("_randaugment")
+    c.augment.on_device = variant.startswith("pretrain_on_device_")
+    c.augment.crop_on_device = variant.startswith("pretrain_on_device_crop")
     c.augment.canvas_size = CANVAS[spec["image_size"]]
     return c
 
@@ -256,27 +264,30 @@ def _time_iterator(make_iter, warmup: int, batches: int) -> dict[str, float]:
 
 def _run_device(spec: dict[str, Any], tf) -> dict[str, Any]:
     """The device half of `augment.on_device` (augment_jax.pretrain_device_augment), jitted by XLA on this
-    pinned CPU core: what the colour work costs once it is moved off the tf.data host path."""
+    pinned CPU core: what the colour work costs once it is moved off the tf.data host path. On a photo
+    (RandAugment's lookup tables and fills depend on the pixels), one view per image."""
     del tf
     import jax
-    import numpy as np
 
-    from fnc_jax.data import augment_jax
+    from fnc_jax.data import augment_jax, layout, randaugment_jax
 
     n, size = spec["images_per_batch"], spec["image_size"]
     key = jax.random.PRNGKey(0)
     if spec.get("canvas"):  # cut one view per canvas
-        images, crops = jax.device_put(common.random_canvases(n, 1, spec["canvas"]))
+        images, crops = jax.device_put(layout.random_canvases(n, 1, spec["canvas"]))
         cut = jax.jit(lambda x, c: augment_jax.crop_resize_views(x, c, size))
         fn = lambda x, k: cut(x, crops)  # noqa: E731
         cost = cut.lower(images, crops).compile().cost_analysis()
     else:
-        images = jax.device_put(np.random.default_rng(0).random((n, size, size, 3), dtype=np.float32))
-        fn = jax.jit(
-            lambda x, k: augment_jax.pretrain_device_augment(
-                x, k, color_on_device=spec["color_on_device"], blur=spec["blur"]
+        images = jax.device_put(_photo_views(n, size))
+        if spec.get("randaugment_only"):
+            fn = jax.jit(randaugment_jax.batch_rand_augment)
+        else:
+            fn = jax.jit(
+                lambda x, k: augment_jax.pretrain_device_augment(
+                    x, k, color_on_device=spec["color_on_device"], randaugment=spec["randaugment"], blur=spec["blur"]
+                )
             )
-        )
         cost = fn.lower(images, key).compile().cost_analysis()
     fn(images, key).block_until_ready()
 
@@ -292,6 +303,27 @@ def _run_device(spec: dict[str, Any], tf) -> dict[str, Any]:
     out["flops_per_view"] = float(cost.get("flops", 0.0)) / n
     out["bytes_accessed_per_view"] = float(cost.get("bytes accessed", 0.0)) / n
     return out
+
+
+def _photo_views(n: int, size: int):
+    """n float32 [0, 1] views (n, size, size, 3): random crops of skimage's astronaut photo."""
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import skimage.data
+
+    photo, rng = skimage.data.astronaut(), np.random.default_rng(0)
+    views = []
+    for _ in range(n):
+        side = int(rng.integers(size // 2, photo.shape[0] + 1))
+        y, x = rng.integers(0, photo.shape[0] - side + 1, 2)
+        crop = Image.fromarray(photo[y : y + side, x : x + side]).resize((size, size), Image.BICUBIC)
+        views.append(np.asarray(crop, np.float32) / 255.0)
+    return np.stack(views)
 
 
 def _run_pipeline(spec: dict[str, Any], tf=None) -> dict[str, Any]:
@@ -326,21 +358,19 @@ def _run_stage(spec: dict[str, Any], tf) -> dict[str, Any]:
     def views_of(image, seed):
         def one(view_seed):
             if stage == "decode_crop":  # box sampling + slice + float conversion, no resize
-                crop_seed = augment._split(view_seed, 6)[0]
-                begin, crop_size = augment.sample_crop_box(tf.shape(image), crop_seed)
+                begin, crop_size = augment.sample_crop_box(tf.shape(image), augment.view_seeds(view_seed).crop)
                 crop = tf.image.convert_image_dtype(tf.slice(image, begin, crop_size), tf.float32)
                 return tf.reduce_mean(crop, axis=[0, 1])
             if stage == "alternative_decode_crop_resize_bilinear":  # what a cheaper resize kernel would cost
-                crop_seed = augment._split(view_seed, 6)[0]
-                begin, crop_size = augment.sample_crop_box(tf.shape(image), crop_seed)
+                begin, crop_size = augment.sample_crop_box(tf.shape(image), augment.view_seeds(view_seed).crop)
                 crop = tf.image.convert_image_dtype(tf.slice(image, begin, crop_size), tf.float32)
                 view = tf.image.resize(crop, (size, size), method="bilinear", antialias=False)
                 return tf.reduce_mean(view, axis=[0, 1])
             if stage.startswith("decode_crop_resize"):
-                crop_seed, flip_seed = augment._split(view_seed, 6)[:2]
-                view = augment.random_resized_crop(image, crop_seed, size=size)
+                seeds = augment.view_seeds(view_seed)
+                view = augment.random_resized_crop(image, seeds.crop, size=size)
                 if stage == "decode_crop_resize_flip_clip":  # the float host path before any colour work
-                    view = tf.clip_by_value(augment.random_flip(view, flip_seed), 0.0, 1.0)
+                    view = tf.clip_by_value(augment.random_flip(view, seeds.flip), 0.0, 1.0)
             else:
                 view = augment.pretrain_view(
                     image,
@@ -414,6 +444,7 @@ def run_worker(spec: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     t_start = time.time()
+    calibration = common.matmul_rate()
     shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     root = args.data_dir or tempfile.mkdtemp(prefix="fnc_input_bench_", dir=shm)
     try:
@@ -453,15 +484,28 @@ def main(argv=None) -> dict[str, Any]:
                 "images_per_batch": args.images_per_batch * 4,
                 "batches": args.batches * 2,
             }
-        for name, colour, blur in (("colour_jitter_grayscale", True, False), ("blur", False, True)):
+        device_parts = (
+            ("colour_jitter_grayscale", True, False, False),
+            ("colour_jitter_randaugment_grayscale", True, True, False),
+            ("blur", False, False, True),
+        )
+        for name, colour, randaugment, blur in device_parts:
             specs[f"device/{name}"] = {
                 **base,
                 "kind": "device",
                 "image_size": 224,
                 "color_on_device": colour,
+                "randaugment": randaugment,
                 "blur": blur,
                 "images_per_batch": 16,
             }
+        specs["device/randaugment"] = {
+            **base,
+            "kind": "device",
+            "image_size": 224,
+            "randaugment_only": True,
+            "images_per_batch": 16,
+        }
         specs["device/crop_resize"] = {
             **base,
             "kind": "device",
@@ -536,6 +580,30 @@ def main(argv=None) -> dict[str, Any]:
         ratios[f"{px}/host_over_host_randaugment"] = vps("pretrain_host") / vps("pretrain_host_randaugment")
         ratios[f"{px}/crop_on_device_over_host"] = vps("pretrain_on_device_crop") / vps("pretrain_host")
         ratios[f"{px}/crop_on_device_over_on_device"] = vps("pretrain_on_device_crop") / on
+        official = vps("pretrain_host_randaugment")
+        ratios[f"{px}/official_recipe_on_device_over_host"] = vps("pretrain_on_device_colour_randaugment") / official
+        ratios[f"{px}/official_recipe_crop_on_device_over_host"] = vps("pretrain_on_device_crop_randaugment") / official
+
+    def host_ms_per_view(variant: str) -> float:
+        return 1000 / pipelines[f"224px/{variant}"]["views_per_s_per_core"]
+
+    crop_ms = host_ms_per_view("pretrain_on_device_crop_randaugment")
+    official_recipe = {
+        "host_cpu_ms_per_view_224px": {
+            "host (RandAugment on the host)": host_ms_per_view("pretrain_host_randaugment"),
+            "augment.on_device": host_ms_per_view("pretrain_on_device_colour_randaugment"),
+            "augment.crop_on_device": crop_ms,
+            "host, no RandAugment (not the recipe)": host_ms_per_view("pretrain_host"),
+        },
+        "target_crop_on_device_host_ms_per_view": TARGET_CROP_ON_DEVICE_HOST_MS_PER_VIEW,
+        "crop_on_device_meets_target": crop_ms <= TARGET_CROP_ON_DEVICE_HOST_MS_PER_VIEW,
+        "device_ms_per_view_on_this_cpu": {
+            name: device[name]["ms_per_view_per_core"]
+            for name in ("colour_jitter_grayscale", "randaugment", "colour_jitter_randaugment_grayscale", "crop_resize")
+        },
+        "note": "host CPU-ms per view = CPU time of the pinned worker per view, one run for all rows; the device "
+        "rows are the jitted device parts on one pinned core of this CPU (not the accelerator's cost)",
+    }
     result: dict[str, Any] = {
         "benchmark": "input_pipeline",
         "quick": args.quick,
@@ -556,6 +624,7 @@ def main(argv=None) -> dict[str, Any]:
         },
         "pipelines": pipelines,
         "ratios": ratios,
+        "official_recipe": official_recipe,
         "device_side_on_this_cpu": {
             **device,
             "note": "augment_jax.pretrain_device_augment (crop_resize: augment_jax.crop_resize_views from a 512 px "
@@ -602,6 +671,7 @@ def main(argv=None) -> dict[str, Any]:
             "outputs reduced to per-view means so no batch copy is timed; marginal = difference of cumulative "
             "stages, per view (decode per image: it is shared by the V views).",
         }
+    result["speed_calibration"] = common.speed_calibration(calibration)
     result["wall_s"] = round(time.time() - t_start, 1)
     return result
 

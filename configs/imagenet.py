@@ -11,6 +11,17 @@ tau = 0.1, LARS at 0.1·√4096 = 6.4, weight decay 1e-4, 10 warm-up epochs + co
 (launch/). Expected: ImageNet linear evaluation 71.43% top-1 after 100 epochs (docs/results.md §4.3,
 "SimCLR + multi-crop + momentum encoder" + FN cancellation); 74.4% after 1000 epochs (`--config.epochs=1000`,
 docs/results.md §1; epoch count unverified). Wall time: not yet measured by this project.
+
+At full speed: as written, the recipe makes every view on the host (2.3-3.1 CPU-ms per view with
+RandAugment on this project's 2-core VM), more host cores than most accelerator nodes have. The same
+recipe, RandAugment(2, 7) included, runs on the accelerator with
+  --config.augment.on_device=True --config.augment.crop_on_device=True --config.augment.canvas_size=512
+(`fnc_jax.data.layout.DEVICE_CROP`: the host only decodes, pads each image onto a 512 px canvas, larger
+images shrunk to fit, and draws the crop boxes and flips, about 0.13 CPU-ms per view; crop, resize,
+colour jitter, RandAugment, grayscale and blur run in the jitted step). `augment.on_device=True` alone
+keeps crop and resize on the host (about 0.6 CPU-ms per view). The colour and RandAugment draws then
+come from the step's keys instead of the host's seeds: the same distribution, other samples, so a run
+does not resume across a change of these switches.
 """
 
 from fnc_jax.config_base import pretrain_config

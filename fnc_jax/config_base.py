@@ -37,7 +37,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
     c.augment = ml_collections.ConfigDict()
     c.augment.color_strength = 1.0
     c.augment.use_randaugment = True
-    c.augment.on_device = False  # colour jitter / grayscale on the accelerator (needs use_randaugment=False)
+    c.augment.on_device = False  # colour jitter, RandAugment, grayscale on the accelerator
     c.augment.crop_on_device = False  # also crop, resize and flip there; the host sends canvases (needs on_device)
     c.augment.canvas_size = 0  # host canvas side with crop_on_device; 0 = the source's fixed image side
     c.augment.area_range = (0.08, 1.0)

@@ -188,16 +188,14 @@ def validate_loss(config: ml_collections.ConfigDict, fn: FNConfig) -> None:
 
 
 def validate_augment(config: ml_collections.ConfigDict) -> None:
-    """The pretraining-view augmentation (`config.augment`), shared by pretraining and the FN analysis."""
+    """The pretraining-view augmentation (`config.augment`), shared by pretraining and the FN analysis.
+
+    Every data path (`layout.DATA_PATHS`) runs the whole recipe, RandAugment included; what the device
+    adds (solarisation) needs the colour ops there, and the device cut needs them too."""
     aug = config.augment
     check.number(config, "augment.color_strength", 0.0)
     check.choice(config, "augment.blur_sigma", BLUR_SIGMAS)
     check.number(config, "augment.solarize_p", 0.0, 1.0)
-    if aug.on_device and aug.use_randaugment:
-        raise errors.ConfigError(
-            "config.augment.on_device=True needs config.augment.use_randaugment=False (RandAugment runs on the "
-            "host between colour jitter and grayscale): allowed are on_device=False, or use_randaugment=False."
-        )
     if aug.solarize_p > 0 and not aug.on_device:
         raise check.invalid("augment.solarize_p", aug.solarize_p, "0 unless augment.on_device=True")
     if aug.crop_on_device and not aug.on_device:

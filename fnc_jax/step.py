@@ -3,8 +3,9 @@
 The step is a pure function `(state, batch) -> (state, metrics)` made of named parts, each callable on
 its own (the benchmark times exactly these):
 
-1. `augment`: the views of the batch on the device (`augment_jax.augment_views`: blur, and with
-   `augment.on_device` colour, with `augment.crop_on_device` the crops too);
+1. `augment`: the views of the batch on the device (`augment_jax.augment_views`, by the data path
+   `settings.augment.path`: blur, and with `augment.on_device` colour and RandAugment, with
+   `augment.crop_on_device` the crops too);
 2. `ema_targets` (memory mode): the EMA network's forward pass of all views and the queue update;
 3. `objective`, differentiated w.r.t. the online parameters: `encode` (one forward pass of all V views
    of the global batch, BatchNorm statistics over all views of all devices), `contrastive_loss` (the

@@ -12,6 +12,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent / "helpers"))
 import fnc_test_runs as runs  # noqa: E402
 
 from fnc_jax import checkpoints, config_base, configuration, errors, main, optim, pretrain  # noqa: E402
+from fnc_jax.data import layout  # noqa: E402
 from fnc_jax.objectives import FNConfig  # noqa: E402
 
 
@@ -79,8 +80,8 @@ def test_a_run_written_before_a_field_existed_resumes_while_it_is_at_its_default
         ({"data.image_size": 4}, "data.image_size"),
         ({"model.depth": 20}, "model.depth"),
         ({"optim.name": "sgd"}, "optim.name"),
-        ({"augment.on_device": True, "augment.use_randaugment": True}, "augment.use_randaugment"),
         ({"augment.crop_on_device": True}, "augment.crop_on_device"),  # needs on_device
+        ({"augment.solarize_p": 0.2}, "augment.solarize_p"),  # needs on_device
         ({"augment.canvas_size": -1}, "augment.canvas_size"),
         ({"ema.init": "zeros"}, "ema.init"),
         ({"loss.temperature": 0.0}, "loss.temperature"),
@@ -102,6 +103,25 @@ def test_invalid_configs_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")) as err:
         configuration.validate_pretrain(config, num_devices=8)
     assert "allowed" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, path",
+    [
+        ({"augment.use_randaugment": True}, layout.HOST),
+        ({"augment.on_device": True, "augment.use_randaugment": True}, layout.DEVICE_COLOUR),
+        (
+            {"augment.on_device": True, "augment.crop_on_device": True, "augment.use_randaugment": True},
+            layout.DEVICE_CROP,
+        ),
+        ({"augment.on_device": True, "augment.use_randaugment": True, "augment.solarize_p": 0.2}, layout.DEVICE_COLOUR),
+    ],
+)
+def test_valid_augment_configs_and_their_data_path(overrides, path):
+    """The whole recipe, RandAugment included, on every data path."""
+    config = runs.step_config(**overrides)
+    configuration.validate_pretrain(config, num_devices=8)
+    assert layout.data_path(config) == path
 
 
 def test_official_config_is_valid_and_official():

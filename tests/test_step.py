@@ -11,9 +11,8 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "helpers"))
 import fnc_test_runs as runs  # noqa: E402
 
-from benchmarks import common  # noqa: E402
 from fnc_jax import checkpoints, configuration, parallel, pretrain, step  # noqa: E402
-from fnc_jax.data import augment_jax  # noqa: E402
+from fnc_jax.data import layout  # noqa: E402
 from fnc_jax.objectives import FNSchedule  # noqa: E402
 
 
@@ -67,22 +66,29 @@ def test_sharded_step_equals_single_device_and_loss_decreases():
     np.testing.assert_array_equal(final8.memory_labels[: v * n], np.tile(batch["labels"], v))
 
 
-@pytest.mark.slow  # two step compilations (~60 s); CI runs test_augment_jax's sharded cut instead
-def test_step_cuts_views_from_sharded_canvases():
-    """With augment.crop_on_device the sharded step cuts the views from (canvas, crops) itself: the same
-    step as on the views cut beforehand and sent whole (to one device)."""
-    config = runs.step_config(**{"augment.on_device": True, "augment.crop_on_device": True, "augment.blur": True})
+def test_sharded_step_with_randaugment_on_the_device_equals_single_device():
+    """The official recipe at full speed (augment.crop_on_device, RandAugment on): 8 devices cut the views
+    from sharded canvases and run jitter, RandAugment, grayscale and blur on them as one device does."""
+    config = runs.step_config(
+        **{
+            "augment.on_device": True,
+            "augment.crop_on_device": True,
+            "augment.use_randaugment": True,
+            "augment.blur": True,
+        }
+    )
     n, v = config.batch_size, configuration.num_views(config)
-    canvases, crops = common.random_canvases(n, v, canvas=20, seed=1)
+    canvases, crops = layout.random_canvases(n, v, canvas=20, seed=1)
     labels = np.random.default_rng(1).integers(0, 3, n).astype(np.int32)
     batch = {"images": canvases, "crops": crops, "labels": labels}
-    settings = augment_jax.ViewAugment.from_config(config, num_devices=1)
-    views = {"images": np.asarray(augment_jax.host_views(batch, settings)), "labels": batch["labels"]}
-    assert views["images"].shape == (n, v, 16, 16, 3)
-    _, _, cut_here = _step_on(config, jax.devices()[:8], batch)
-    _, _, sent_whole = _step_on(config, jax.devices()[:1], views)
+    settings = step.StepSettings.from_config(config, configuration.fn_config(config), True, 8, 1).augment
+    assert settings.path == layout.DEVICE_CROP and settings.randaugment  # the step's static settings carry both
+    state1, _, m1 = _step_on(config, jax.devices()[:1], batch)
+    state8, _, m8 = _step_on(config, jax.devices()[:8], batch)
     for key in ("loss", "contrastive_loss", "probe_loss", "grad_norm"):
-        np.testing.assert_allclose(cut_here[0][key], sent_whole[0][key], rtol=2e-4, err_msg=key)
+        np.testing.assert_allclose(m8[0][key], m1[0][key], rtol=2e-4, err_msg=key)
+    for a, b in zip(jax.tree.leaves(state1.params), jax.tree.leaves(state8.params)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@ over per-image keys from `jax.random.split(key, N)`. The colour ops match the ho
 (TensorFlow's `adjust_*` kernels), so moving colour work onto the accelerator changes where it runs,
 not what it computes. Blur is always done here, batched over one view tensor (docs/training_recipe.md §2.5).
 With `augment.crop_on_device` the views themselves are cut here too (`crop_resize`: TF1's legacy
-bicubic resize of the host's crop boxes, on canvases of the decoded images).
+bicubic resize of the host's crop boxes, on canvases of the decoded images). Which of these run is the
+data path (`layout.DATA_PATHS`), a static setting of the step, never a guess from the batch.
 """
 
 import dataclasses
@@ -18,9 +19,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fnc_jax.data import layout, randaugment_jax, recipe
+
 _GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 # Orders of the colour-jitter ops (0 brightness, 1 contrast, 2 saturation, 3 hue).
 _PERMUTATIONS = np.array(list(itertools.permutations(range(4))), np.int32)
+# RandAugment's key is folded in from a view tensor's key, so the four older streams keep their draws.
+_RANDAUGMENT_STREAM = 4
 
 
 def rgb_to_hsv(rgb: jax.Array) -> jax.Array:
@@ -83,7 +88,7 @@ def _maybe(key: jax.Array, p: float, transformed: jax.Array, image: jax.Array) -
     return jnp.where(jax.random.uniform(key) < p, transformed, image)
 
 
-def color_jitter(image: jax.Array, key: jax.Array, *, strength: float = 1.0, p: float = 0.8) -> jax.Array:
+def color_jitter(image: jax.Array, key: jax.Array, *, strength: float = 1.0, p: float = recipe.JITTER_P) -> jax.Array:
     """With probability p: brightness, contrast, saturation, hue in a random order, each clipped to [0, 1].
 
     Same factor ranges as the host `augment.color_jitter`: U[max(0, 1 − 0.8s), 1 + 0.8s) for the first
@@ -92,9 +97,10 @@ def color_jitter(image: jax.Array, key: jax.Array, *, strength: float = 1.0, p: 
     value), and the order is one of the 24 permutations picked by a single uniform draw.
     """
     coin, b, c, s, h, pick = jax.random.uniform(key, (6,))
-    lower, upper = jnp.maximum(0.0, 1.0 - 0.8 * strength), 1.0 + 0.8 * strength  # strength may be traced
+    spread = recipe.JITTER_SPREAD * strength  # strength may be traced
+    lower, upper = jnp.maximum(0.0, 1.0 - spread), 1.0 + spread
     brightness, contrast, saturation = (lower + (upper - lower) * u for u in (b, c, s))
-    hue = 0.2 * strength * (2.0 * h - 1.0)
+    hue = recipe.HUE_SPREAD * strength * (2.0 * h - 1.0)
     order = jnp.asarray(_PERMUTATIONS)[jnp.minimum(jnp.floor(pick * 24).astype(jnp.int32), 23)]
 
     def step(x: jax.Array, op: jax.Array) -> tuple[jax.Array, None]:
@@ -107,7 +113,7 @@ def color_jitter(image: jax.Array, key: jax.Array, *, strength: float = 1.0, p: 
     return jnp.where(coin < p, jittered, image)
 
 
-def grayscale(image: jax.Array, key: jax.Array, *, p: float = 0.2) -> jax.Array:
+def grayscale(image: jax.Array, key: jax.Array, *, p: float = recipe.GRAYSCALE_P) -> jax.Array:
     """`to_grayscale` with probability p."""
     return _maybe(key, p, to_grayscale(image), image)
 
@@ -122,12 +128,14 @@ def _per_image(op, images: jax.Array, key: jax.Array, **kwargs) -> jax.Array:
     return jax.vmap(functools.partial(op, **kwargs))(images, keys)
 
 
-def batch_color_jitter(images: jax.Array, key: jax.Array, *, strength: float = 1.0, p: float = 0.8) -> jax.Array:
+def batch_color_jitter(
+    images: jax.Array, key: jax.Array, *, strength: float = 1.0, p: float = recipe.JITTER_P
+) -> jax.Array:
     """`color_jitter` on (N, H, W, 3) with an independent draw per image."""
     return _per_image(color_jitter, images, key, strength=strength, p=p)
 
 
-def batch_grayscale(images: jax.Array, key: jax.Array, *, p: float = 0.2) -> jax.Array:
+def batch_grayscale(images: jax.Array, key: jax.Array, *, p: float = recipe.GRAYSCALE_P) -> jax.Array:
     """`grayscale` on (N, H, W, 3) with an independent coin per image."""
     return _per_image(grayscale, images, key, p=p)
 
@@ -166,8 +174,8 @@ def gaussian_blur(
     images: jax.Array,
     key: jax.Array,
     *,
-    p: float = 0.5,
-    sigma_range: Sequence[float] = (0.1, 2.0),
+    p: float = recipe.BLUR_P,
+    sigma_range: Sequence[float] = recipe.BLUR_SIGMA_RANGE,
     num_sigma_groups: int | None = None,
     padding: str = "zeros",
 ) -> jax.Array:
@@ -263,6 +271,7 @@ def pretrain_device_augment(
     *,
     color_on_device: bool,
     color_strength: float = 1.0,
+    randaugment: bool = False,
     blur: bool = True,
     blur_sigma_groups: int | None = None,
     blur_padding: str = "zeros",
@@ -270,14 +279,20 @@ def pretrain_device_augment(
 ) -> jax.Array:
     """Device part of a pretraining view, applied to one view tensor (N, H, W, 3).
 
-    With `color_on_device` (host did only crop and flip): jitter (p 0.8) → grayscale (p 0.2) → clip
-    → solarize (if solarize_p > 0). Then blur (p 0.5) if `blur`.
+    With `color_on_device` (host did only crop and flip), the host's order (`augment.pretrain_view`):
+    jitter (p 0.8) → clip → RandAugment(2, 7) (if `randaugment`, per-image keys) → grayscale (p 0.2)
+    → clip → solarize (if solarize_p > 0). Then blur (p 0.5) if `blur`.
     """
     if solarize_p > 0 and not color_on_device:
         raise ValueError("solarize_p > 0 requires color_on_device=True (solarization follows the device colour ops)")
+    if randaugment and not color_on_device:
+        raise ValueError("randaugment=True requires color_on_device=True (it runs between jitter and grayscale)")
     color_key, gray_key, solarize_key, blur_key = jax.random.split(key, 4)
     if color_on_device:
         images = batch_color_jitter(images, color_key, strength=color_strength)
+        if randaugment:
+            randaugment_key = jax.random.fold_in(key, _RANDAUGMENT_STREAM)
+            images = randaugment_jax.batch_rand_augment(jnp.clip(images, 0.0, 1.0), randaugment_key)
         images = jnp.clip(batch_grayscale(images, gray_key), 0.0, 1.0)
         if solarize_p > 0:
             images = batch_solarize(images, solarize_key, p=solarize_p)
@@ -288,23 +303,37 @@ def pretrain_device_augment(
 
 @dataclasses.dataclass(frozen=True)
 class ViewAugment:
-    """Static settings of the device part of the pretraining views (hashable: part of jit cache keys)."""
+    """Static settings of the device part of the pretraining views (hashable: part of jit cache keys).
 
-    color_on_device: bool
+    `path` (`layout.DATA_PATHS`) is what the host sends and so what runs here; `randaugment` is
+    RandAugment on the device, which needs the colour ops here too (on the host path it runs there).
+    """
+
+    path: str
     color_strength: float
+    randaugment: bool
     blur: bool
     blur_sigma_groups: int | None
     solarize_p: float
     image_size: int
+
+    def __post_init__(self) -> None:
+        layout.check_path(self.path)
+
+    @property
+    def color_on_device(self) -> bool:
+        return self.path != layout.HOST
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, num_devices: int) -> "ViewAugment":
         """From `config.augment` and the view size `config.data.image_size`; `blur_sigma='per_device'`
         draws one blur sigma per device group."""
         augment = config.augment
+        path = layout.data_path(config)
         return cls(
-            color_on_device=bool(augment.on_device),
+            path=path,
             color_strength=float(augment.color_strength),
+            randaugment=bool(augment.use_randaugment) and path != layout.HOST,
             blur=bool(augment.blur),
             blur_sigma_groups=num_devices if augment.blur_sigma == "per_device" else None,
             solarize_p=float(augment.solarize_p),
@@ -315,14 +344,15 @@ class ViewAugment:
 def host_views(batch: dict[str, jax.Array], settings: ViewAugment) -> jax.Array:
     """The views of a host batch as the host pipeline made them: (B, V, S, S, 3) float32 in [0, 1].
 
-    The host sends float32 views, uint8 views (`augment.on_device`: 4x fewer bytes), or, with
-    `augment.crop_on_device`, one uint8 canvas per image (B, C, C, 3) and its views' crops (B, V, 5),
-    which are cut and resized here.
+    By the data path (`layout.BATCH_LAYOUTS`, checked): the host sends float32 views, uint8 views
+    (`augment.on_device`: 4x fewer bytes), or, with `augment.crop_on_device`, one uint8 canvas per image
+    (B, C, C, 3) and its views' crops (B, V, 5), which are cut and resized here.
     """
+    layout.check_batch(settings.path, batch)
     images = batch["images"]
-    if "crops" in batch:
+    if settings.path == layout.DEVICE_CROP:
         return crop_resize_views(images, batch["crops"], settings.image_size)
-    if images.dtype == jnp.uint8:
+    if settings.path == layout.DEVICE_COLOUR:
         return images.astype(jnp.float32) / 255.0
     return images
 
@@ -330,8 +360,8 @@ def host_views(batch: dict[str, jax.Array], settings: ViewAugment) -> jax.Array:
 def augment_views(batch: dict[str, jax.Array], key: jax.Array, settings: ViewAugment) -> jax.Array:
     """The pretraining views (B, V, S, S, 3) float32 in [0, 1] of a host batch, device part applied.
 
-    `host_views`, then colour (with `augment.on_device`) and blur. Each of the V view tensors gets its
-    own key, as in the official pipeline.
+    `host_views`, then colour and RandAugment (with `augment.on_device`) and blur. Each of the V view
+    tensors gets its own key, as in the official pipeline.
     """
     images = host_views(batch, settings)
     if not (settings.blur or settings.color_on_device):
@@ -340,6 +370,7 @@ def augment_views(batch: dict[str, jax.Array], key: jax.Array, settings: ViewAug
         pretrain_device_augment,
         color_on_device=settings.color_on_device,
         color_strength=settings.color_strength,
+        randaugment=settings.randaugment,
         blur=settings.blur,
         blur_sigma_groups=settings.blur_sigma_groups,
         solarize_p=settings.solarize_p,

@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from fnc_jax import errors
 from fnc_jax import field_checks as check
-from fnc_jax.data import augment, sources
+from fnc_jax.data import augment, layout, sources
 
 Batch = dict[str, np.ndarray]
 
@@ -59,14 +59,16 @@ def pretrain_iterator(
     Yields `{'images': float32 (B_host, V, S, S, 3), 'labels': int32 (B_host,)}` with
     B_host = config.batch_size // process_count, V = 2 + config.views.support_size and
     S = config.data.image_size; with `augment.on_device` the images are uint8 (crop and flip only; the
-    train step rescales them). Every view is an independent `augment.pretrain_view` draw. With
-    `augment.crop_on_device` the views are cut on the device instead: `images` are uint8 canvases
-    (B_host, C, C, 3) and `crops` int32 (B_host, V, 5), the views' crop boxes and flips.
+    train step rescales them and does the rest). Every view is an independent `augment.pretrain_view`
+    draw. With `augment.crop_on_device` the views are cut on the device instead: `images` are uint8
+    canvases (B_host, C, C, 3) and `crops` int32 (B_host, V, 5), the views' crop boxes and flips. The
+    data path (`layout.data_path`) decides which, and `layout.BATCH_LAYOUTS` says what each holds.
     """
     aug = config.augment
     num_views = 2 + config.views.support_size
     size = config.data.image_size
-    if aug.crop_on_device:
+    path = layout.data_path(config)  # what the batches hold: `layout.BATCH_LAYOUTS[path]`
+    if path == layout.DEVICE_CROP:
         side = canvas_size(config, sources.get_source_info(config.data).image_shape)
 
         def canvas_example(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -86,7 +88,7 @@ def pretrain_iterator(
             image_size=size,
             color_strength=aug.color_strength,
             use_randaugment=aug.use_randaugment,
-            color_on_device=aug.on_device,
+            color_on_device=path == layout.DEVICE_COLOUR,
             area_range=tuple(aug.area_range),
         )
 
@@ -101,7 +103,7 @@ def pretrain_iterator(
         views = tf.map_fn(
             lambda view_seed: view(image, view_seed),
             view_seeds,
-            fn_output_signature=tf.TensorSpec((size, size, 3), tf.uint8 if aug.on_device else tf.float32),
+            fn_output_signature=tf.TensorSpec((size, size, 3), layout.BATCH_LAYOUTS[path]["images"][0]),
         )
         return {"images": views, "labels": label}
 

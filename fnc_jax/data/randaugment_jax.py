@@ -1,4 +1,4 @@
-"""RandAugment on the device: pure JAX ops with the host's (`augment.rand_augment`) semantics.
+"""RandAugment on the device: pure JAX ops with the host's (`randaugment_host.rand_augment`) semantics.
 
 Images are float32 (H, W, 3) on the uint8 grid (integers 0..255), as the host's uint8 images. Under vmap
 every branch of a switch runs, so one layer is one fused pass whatever the op: a per-channel lookup table
@@ -125,7 +125,7 @@ def apply_op(q: jax.Array, index: jax.Array, magnitude: float, key: jax.Array) -
     signed arguments (positive with p = 0.5) and the cutout centre, as the host's seed does."""
     args = policy.arguments(magnitude)
     sign_key, y_key, x_key = jax.random.split(key, 3)
-    sign = jnp.where(jax.random.uniform(sign_key) < 0.5, -1.0, 1.0)
+    sign = jnp.where(jax.random.uniform(sign_key) < policy.NEGATE_P, -1.0, 1.0)
     height, width = q.shape[0], q.shape[1]
     lut = _luts(q, args)[index]
     q = jnp.take_along_axis(lut, q.astype(jnp.int32).reshape(-1, 3).T, axis=1).T.reshape(q.shape)
@@ -147,19 +147,28 @@ def op(name: str):
     return lambda image, magnitude, key: apply_op(image, jnp.int32(index), magnitude, key)
 
 
+def layer_draws(key: jax.Array, num_layers: int) -> list[tuple[jax.Array, jax.Array]]:
+    """(op index, uniform over `policy.OPS`; key of the op's arguments) of each layer, as the host's
+    `randaugment_host.layer_draws`."""
+    draws = []
+    for layer_key in jax.random.split(key, num_layers):
+        op_key, arg_key = jax.random.split(layer_key)
+        draws.append((jax.random.randint(op_key, (), 0, len(policy.OPS)), arg_key))
+    return draws
+
+
 def rand_augment(
     image: jax.Array, key: jax.Array, *, num_layers: int = policy.NUM_LAYERS, magnitude: float = policy.MAGNITUDE
 ) -> jax.Array:
     """RandAugment on a [0, 1] float image: each layer applies one uniformly chosen op; returns [0, 1]."""
     q = to_grid(image)
-    for layer_key in jax.random.split(key, num_layers):
-        op_key, arg_key = jax.random.split(layer_key)
-        index = jax.random.randint(op_key, (), 0, len(policy.OPS))
+    for index, arg_key in layer_draws(key, num_layers):
         q = apply_op(q, index, magnitude, arg_key)
     return from_grid(q)
 
 
 def batch_rand_augment(images: jax.Array, key: jax.Array, **kwargs) -> jax.Array:
-    """`rand_augment` on (N, H, W, 3) with per-image keys."""
-    keys = jax.random.split(key, images.shape[0])
+    """`rand_augment` on (N, H, W, 3), image i with the key `fold_in(key, i)`: an image's draws depend on
+    its index only, not on the batch size or how the batch is sharded."""
+    keys = jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(images.shape[0]))
     return jax.vmap(functools.partial(rand_augment, **kwargs))(images, keys)

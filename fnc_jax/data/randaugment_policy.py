@@ -1,4 +1,4 @@
-"""RandAugment's policy, shared by the host ops (`augment`) and the device ops (`randaugment_jax`).
+"""RandAugment's policy, shared by the host ops (`randaugment_host`) and the device ops (`randaugment_jax`).
 
 The one list of ops (order of the TPU-models EfficientNet `autoaugment` module), the fill value and the
 arguments each op takes at a magnitude, so that both implementations draw and apply the same policy.
@@ -25,6 +25,7 @@ OPS = (
     "SolarizeAdd",
 )
 GRAY = 128  # fill value of the geometric ops and cutout
+NEGATE_P = 0.5  # probability that a signed argument (rotate, shear, translate) is negated
 MAX_LEVEL = 10.0
 NUM_LAYERS = 2  # the official recipe: RandAugment(2, 7)
 MAGNITUDE = 7

@@ -51,6 +51,12 @@ def positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+def check_calibration(r: dict) -> None:
+    """The machine's matmul rate, taken before and after the measurements."""
+    c = r["speed_calibration"]
+    assert positive(c["matmul_before"]["matmul_gflops_per_s"]) and positive(c["matmul_after"]["matmul_gflops_per_s"])
+
+
 @pytest.mark.slow
 def test_step_benchmark_quick():
     r = run_benchmark("step", "--objectives", "dcl,hcl")
@@ -103,19 +109,11 @@ def test_input_pipeline_benchmark_quick():
     r = run_benchmark("input_pipeline")
     assert r["benchmark"] == "input_pipeline" and r["quick"] is True
     check_machine(r["machine"])
+    check_calibration(r)
     assert r["dataset"]["images"] > 0 and r["dataset"]["mean_jpeg_kb"] > 0
-    expected = {
-        f"{px}/{v}"
-        for px in ("224px", "32px")
-        for v in (
-            "pretrain_host_randaugment",
-            "pretrain_host",
-            "pretrain_on_device_colour",
-            "pretrain_on_device_crop",
-            "eval",
-        )
-    }
-    assert set(r["pipelines"]) == expected
+    variants = ("pretrain_host_randaugment", "pretrain_host", "pretrain_on_device_colour", "pretrain_on_device_crop")
+    variants += ("pretrain_on_device_colour_randaugment", "pretrain_on_device_crop_randaugment", "eval")
+    assert set(r["pipelines"]) == {f"{px}/{v}" for px in ("224px", "32px") for v in variants}
     for name, p in r["pipelines"].items():
         assert positive(p["views_per_s_per_core"]) and positive(p["views_per_s_wall"]), name
         assert len(p["cpus"]) == r["settings"]["cores_per_worker"]
@@ -126,6 +124,11 @@ def test_input_pipeline_benchmark_quick():
         d["blur"]["ms_per_view_per_core"]
     )
     assert positive(d["crop_resize"]["ms_per_view_per_core"]) and positive(d["crop_resize"]["flops_per_view"])
+    official = r["official_recipe"]
+    assert len(official["host_cpu_ms_per_view_224px"]) == 4
+    assert all(positive(x) for x in official["host_cpu_ms_per_view_224px"].values())
+    assert all(positive(x) for x in official["device_ms_per_view_on_this_cpu"].values())
+    assert official["target_crop_on_device_host_ms_per_view"] == 0.15
     s = r["stages_224px"]
     assert all(positive(v["ms_per_image_per_core"]) for v in s["cumulative"].values())
     assert positive(s["stage_speedup_on_device_over_host"])
@@ -137,6 +140,7 @@ def test_gpu_step_benchmark_quick_on_cpu():
     r = run_benchmark("gpu_step", "--assume-bytes-limit", "60000000")
     assert r["benchmark"] == "gpu_step" and r["tiny_model"] is True  # no accelerator in the tests
     check_machine(r["machine"])
+    check_calibration(r)
     res = r["result"]
     assert res is not None and res["per_device_batch"] in r["shapes"]["candidates"]
     assert positive(res["images_per_s"]) and positive(res["views_per_s"]) and positive(res["achieved_tflops_per_s"])
@@ -144,6 +148,9 @@ def test_gpu_step_benchmark_quick_on_cpu():
     assert res["loss_finite"] and res["loss_dtype"] == "float32" and res["params_dtypes"] == ["float32"]
     crop = res["crop_on_device"]
     assert crop["canvas"] == 48 and positive(crop["ms_per_view"]) and 0 < crop["share_of_step"]
+    colour = res["device_colour"]
+    for part in ("colour_jitter_grayscale", "colour_jitter_randaugment_grayscale"):
+        assert positive(colour[part]["ms_per_view"]) and 0 < colour[part]["share_of_step"], part
     assert r["shapes"]["dtype"] == "bfloat16"
     assert res["mfu"] is None  # no peak is known for a CPU
     assert any(a.get("result") == "ok" for a in r["attempts"])

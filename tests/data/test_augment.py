@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fnc_jax.data import augment
+from fnc_jax.data import augment, randaugment_host, randaugment_policy
 
 RNG = np.random.default_rng(0)
 COLOUR_IMAGE = RNG.integers(0, 256, (24, 20, 3)).astype(np.uint8)
@@ -26,8 +26,8 @@ def _within_binomial(count: int, n: int, p: float, sds: float = 4.0) -> bool:
 
 
 def _rand_augment(image: np.ndarray, name: str, seed: int = 0) -> np.ndarray:
-    index = augment.RAND_AUGMENT_OPS.index(name)
-    return augment.rand_augment_op(tf.constant(image), index, _seed(seed)).numpy()
+    index = randaugment_policy.OPS.index(name)
+    return randaugment_host.rand_augment_op(tf.constant(image), index, _seed(seed)).numpy()
 
 
 # --- resize and crop --------------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def test_color_jitter_zero_strength_is_identity_and_output_is_clipped():
 # --- RandAugment ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", augment.RAND_AUGMENT_OPS)
+@pytest.mark.parametrize("name", randaugment_policy.OPS)
 def test_rand_augment_op_smoke(name):
     out = _rand_augment(COLOUR_IMAGE, name, seed=3)
     assert out.dtype == np.uint8 and out.shape == COLOUR_IMAGE.shape
@@ -212,7 +212,7 @@ def test_rand_augment_rotate_and_shear_fill_grey_and_keep_anchors():
 
 def test_rand_augment_round_trips_through_uint8():
     image = tf.constant(COLOUR_IMAGE / 255.0, tf.float32)
-    out = _over_seeds(lambda s: augment.rand_augment(image, s), 16)
+    out = _over_seeds(lambda s: randaugment_host.rand_augment(image, s), 16)
     assert out.shape == (16, 24, 20, 3) and out.min() >= 0 and out.max() <= 1
     np.testing.assert_allclose(out * 255, np.round(out * 255), atol=1e-3)
     assert len({o.tobytes() for o in out}) > 12
@@ -267,9 +267,9 @@ def test_on_device_host_view_is_the_rounded_uint8_crop_and_flip():
     image = tf.constant(COLOUR_IMAGE)
 
     def float_view(seed):
-        crop_seed, flip_seed = augment._split(seed, 6)[:2]
-        view = augment.random_resized_crop(image, crop_seed, size=12, area_range=(0.2, 1.0))
-        return tf.clip_by_value(augment.random_flip(view, flip_seed), 0.0, 1.0)
+        seeds = augment.view_seeds(seed)
+        view = augment.random_resized_crop(image, seeds.crop, size=12, area_range=(0.2, 1.0))
+        return tf.clip_by_value(augment.random_flip(view, seeds.flip), 0.0, 1.0)
 
     def uint8_view(seed):
         return augment.pretrain_view(
@@ -282,9 +282,18 @@ def test_on_device_host_view_is_the_rounded_uint8_crop_and_flip():
     assert len({g.tobytes() for g in got}) > 48  # seeds draw their own crops (whole-image fallbacks repeat)
 
 
-def test_pretrain_view_rejects_color_on_device_with_randaugment():
-    with pytest.raises(ValueError, match="color_on_device.*use_randaugment"):
-        augment.pretrain_view(tf.constant(COLOUR_IMAGE), _seed(0), image_size=8, color_on_device=True)
+def test_on_device_host_view_leaves_randaugment_to_the_device():
+    """With colour on the device the host view is the uint8 crop + flip whether or not RandAugment is on
+    (the device applies it), and RandAugment on the host changes the view."""
+    image = tf.constant(COLOUR_IMAGE)
+
+    def views(**kwargs):
+        return _over_seeds(lambda s: augment.pretrain_view(image, s, image_size=8, **kwargs), 16)
+
+    with_randaugment = views(color_on_device=True, use_randaugment=True)
+    assert with_randaugment.dtype == np.uint8
+    np.testing.assert_array_equal(with_randaugment, views(color_on_device=True, use_randaugment=False))
+    assert not np.array_equal(views(use_randaugment=True), views(use_randaugment=False))
 
 
 def test_finetune_view_shape_range_and_determinism():

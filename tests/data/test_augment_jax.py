@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from benchmarks import common
-from fnc_jax.data import augment, augment_jax
+from fnc_jax.data import augment, augment_jax, layout
 
 RNG = np.random.default_rng(1)
 N = 256  # batch of every colour-op test: 4×4 images
@@ -226,6 +225,18 @@ def test_blur_is_identity_on_tiny_images():
 # --- the device part of a pretraining view -------------------------------------------------------------
 
 
+def _view_augment(path: str, image_size: int, *, blur: bool, randaugment: bool = False) -> augment_jax.ViewAugment:
+    return augment_jax.ViewAugment(
+        path=path,
+        color_strength=1.0,
+        randaugment=randaugment,
+        blur=blur,
+        blur_sigma_groups=None,
+        solarize_p=0.0,
+        image_size=image_size,
+    )
+
+
 def test_pretrain_device_augment():
     images = jnp.asarray(_colour_images(32, size=20))
     step = jax.jit(
@@ -244,9 +255,7 @@ def test_pretrain_device_augment():
 
 
 def test_augment_views_rescales_uint8_and_augments_each_view_tensor_separately():
-    settings = augment_jax.ViewAugment(
-        color_on_device=True, color_strength=1.0, blur=True, blur_sigma_groups=None, solarize_p=0.0, image_size=16
-    )
+    settings = _view_augment(layout.DEVICE_COLOUR, 16, blur=True)
     pixels = RNG.integers(0, 256, (6, 3, 16, 16, 3)).astype(np.uint8)  # (B, V, H, W, 3)
     key = jax.random.key(3)
     jitted = jax.jit(augment_jax.augment_views, static_argnames="settings")
@@ -255,14 +264,43 @@ def test_augment_views_rescales_uint8_and_augments_each_view_tensor_separately()
         return np.asarray(jitted({"images": images}, key, settings=settings))
 
     from_uint8 = views(jnp.asarray(pixels))
-    from_float = views(jnp.asarray(pixels, jnp.float32) / 255.0)
     assert from_uint8.dtype == np.float32 and from_uint8.shape == pixels.shape
-    np.testing.assert_array_equal(from_uint8, from_float)
     # The same images in every view slot: the V view tensors must still get different draws.
     out = views(jnp.repeat(jnp.asarray(pixels[:, :1]), 3, axis=1))
     assert not np.allclose(out[:, 0], out[:, 1]) and not np.allclose(out[:, 1], out[:, 2])
-    nothing = dataclasses.replace(settings, color_on_device=False, blur=False)
-    np.testing.assert_allclose(views(jnp.asarray(pixels), nothing), pixels / 255.0, atol=1e-7)
+    nothing = dataclasses.replace(settings, path=layout.HOST, blur=False)
+    np.testing.assert_array_equal(views(jnp.asarray(pixels / 255.0, jnp.float32), nothing), pixels / np.float32(255))
+    # Without blur the device colour path on uint8 views is the colour ops on the rescaled views.
+    colour = views(jnp.asarray(pixels), dataclasses.replace(settings, blur=False))
+    keys = jax.random.split(key, 3)
+    for view in range(3):
+        expected = augment_jax.pretrain_device_augment(
+            jnp.asarray(pixels[:, view], jnp.float32) / 255.0, keys[view], color_on_device=True, blur=False
+        )
+        np.testing.assert_allclose(colour[:, view], expected, atol=1e-5)  # float rounding: fused apart
+
+
+@pytest.mark.parametrize("path", layout.DATA_PATHS)
+def test_host_views_read_the_batch_of_their_path_and_name_a_mismatch(path):
+    """Each data path takes its own batch layout (`layout.BATCH_LAYOUTS`) and no other: the error names the
+    path, what the batch holds and what was expected."""
+    canvases, crops = layout.random_canvases(2, 3, canvas=10)
+    batches = {
+        layout.HOST: {"images": np.zeros((2, 3, 8, 8, 3), np.float32)},
+        layout.DEVICE_COLOUR: {"images": np.zeros((2, 3, 8, 8, 3), np.uint8)},
+        layout.DEVICE_CROP: {"images": canvases, "crops": crops},
+    }
+    settings = _view_augment(path, 8, blur=False)
+    labels = {"labels": np.zeros(2, np.int32)}
+    views = augment_jax.host_views({**batches[path], **labels}, settings)
+    assert views.shape == (2, 3, 8, 8, 3) and views.dtype == jnp.float32
+    for other, batch in batches.items():
+        if other != path:
+            with pytest.raises(ValueError, match=f"data path '{path}' must hold .*; this one holds .*images: ") as err:
+                augment_jax.host_views({**batch, **labels}, settings)
+            assert "augment.on_device" in str(err.value)
+    with pytest.raises(ValueError, match="data path 'gpu' is invalid: allowed are host, device_colour, device_crop"):
+        dataclasses.replace(settings, path="gpu")
 
 
 def test_view_augment_from_config():
@@ -271,10 +309,16 @@ def test_view_augment_from_config():
     config = config_base.pretrain_config()
     config.augment.on_device, config.augment.use_randaugment, config.augment.blur_sigma = True, False, "per_device"
     settings = augment_jax.ViewAugment.from_config(config, num_devices=8)
-    assert settings.color_on_device and settings.blur and settings.blur_sigma_groups == 8
-    assert settings.image_size == config.data.image_size
+    assert settings.path == layout.DEVICE_COLOUR and settings.color_on_device and not settings.randaugment
+    assert settings.blur and settings.blur_sigma_groups == 8 and settings.image_size == config.data.image_size
     config.augment.blur_sigma = "per_image"
     assert augment_jax.ViewAugment.from_config(config, num_devices=8).blur_sigma_groups is None
+    config.augment.crop_on_device, config.augment.use_randaugment = True, True
+    settings = augment_jax.ViewAugment.from_config(config, num_devices=8)
+    assert settings.path == layout.DEVICE_CROP and settings.randaugment
+    config.augment.on_device = config.augment.crop_on_device = False  # RandAugment stays on the host
+    settings = augment_jax.ViewAugment.from_config(config, num_devices=8)
+    assert settings.path == layout.HOST and not settings.color_on_device and not settings.randaugment
 
 
 PHOTO = np.asarray(tf.image.resize(tf.constant(RNG.integers(0, 256, (12, 15, 3)), tf.float32), (60, 75)))
@@ -295,9 +339,9 @@ def test_crop_resize_is_the_host_crop_resize_and_flip(size):
     for i in range(16):
         seed = tf.constant([i, 5], tf.int64)
         crop = augment.crop_and_flip(shape, seed).numpy()
-        crop_seed, flip_seed = augment._split(seed, 6)[:2]
-        host = augment.random_resized_crop(image, crop_seed, size=size, unit_scale=False)
-        host = augment.random_flip(host, flip_seed).numpy()
+        seeds = augment.view_seeds(seed)  # the one seed layout of a view, shared by the device cut
+        host = augment.random_resized_crop(image, seeds.crop, size=size, unit_scale=False)
+        host = augment.random_flip(host, seeds.flip).numpy()
         np.testing.assert_allclose(
             cut(jnp.asarray(canvas.numpy()), jnp.asarray(crop), size), host, rtol=1e-6, atol=1e-4
         )
@@ -323,9 +367,7 @@ def test_fit_canvas_shrinks_larger_images_keeping_the_aspect():
 
 
 def test_host_views_cut_canvases_per_view_and_clip():
-    settings = augment_jax.ViewAugment(
-        color_on_device=True, color_strength=1.0, blur=False, blur_sigma_groups=None, solarize_p=0.0, image_size=8
-    )
+    settings = _view_augment(layout.DEVICE_CROP, 8, blur=False)
     canvases = RNG.integers(0, 256, (2, 10, 10, 3)).astype(np.uint8)
     crops = np.array([[[0, 0, 10, 10, 0], [2, 3, 4, 5, 1]], [[1, 1, 8, 9, 0], [0, 0, 10, 10, 1]]], np.int32)
     views = np.asarray(augment_jax.host_views({"images": jnp.asarray(canvases), "crops": jnp.asarray(crops)}, settings))
@@ -342,14 +384,12 @@ def test_host_views_cut_canvases_per_view_and_clip():
 
 def test_augment_views_cuts_sharded_canvases_like_one_device():
     """The train step's view path on a batch of canvases + crops sharded over 8 devices (as
-    `parallel.global_batch` makes it) gives the single-device views."""
+    `parallel.global_batch` makes it), RandAugment included, gives the single-device views."""
     from fnc_jax import parallel
 
-    settings = augment_jax.ViewAugment(
-        color_on_device=True, color_strength=1.0, blur=True, blur_sigma_groups=None, solarize_p=0.0, image_size=12
-    )
+    settings = _view_augment(layout.DEVICE_CROP, 12, blur=True, randaugment=True)
     n, v = 16, 3
-    canvases, crops = common.random_canvases(n, v, canvas=20)
+    canvases, crops = layout.random_canvases(n, v, canvas=20)
     batch = {"images": canvases, "crops": crops}
     step = jax.jit(augment_jax.augment_views, static_argnames="settings")
     key = jax.random.key(4)

@@ -12,7 +12,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 from fake_imagenet import write_fake_image_folder  # noqa: E402
 
-from fnc_jax.data import augment, augment_jax, pipeline, sources  # noqa: E402
+from fnc_jax.data import augment, augment_jax, layout, pipeline, sources  # noqa: E402
 
 IMAGE_SIZE = 16
 
@@ -107,19 +107,13 @@ def test_crop_on_device_stream_is_canvases_and_the_same_crops(mnist_stream):
     canvases.augment.update(on_device=True, crop_on_device=True)  # canvas_size 0: MNIST's 28 px
     a = take(pipeline.pretrain_iterator(views, process_index=0, process_count=2), 2)
     b = take(pipeline.pretrain_iterator(canvases, process_index=0, process_count=2), 2)
-    settings = augment_jax.ViewAugment(
-        color_on_device=True,
-        color_strength=1.0,
-        blur=False,
-        blur_sigma_groups=None,
-        solarize_p=0.0,
-        image_size=IMAGE_SIZE,
-    )
     for x, y in zip(a, b):
+        layout.check_batch(layout.data_path(views), x)  # each config's batches have its path's layout
+        layout.check_batch(layout.data_path(canvases), y)
         assert y["images"].shape == (4, 28, 28, 3) and y["images"].dtype == np.uint8
         assert y["crops"].shape == (4, 3, 5) and y["crops"].dtype == np.int32
         np.testing.assert_array_equal(x["labels"], y["labels"])
-        cut = np.asarray(augment_jax.host_views(y, settings)) * 255.0
+        cut = np.asarray(augment_jax.crop_resize_views(y["images"], y["crops"], IMAGE_SIZE)) * 255.0
         np.testing.assert_allclose(cut, x["images"], atol=0.5 + 1e-3)  # the host rounds to uint8
         assert np.mean(np.round(cut) == x["images"]) > 0.999  # ... and only float ties may round apart
     assert set(np.concatenate([y["crops"][..., 4].ravel() for y in b])) == {0, 1}
