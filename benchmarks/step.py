@@ -19,7 +19,7 @@ round-robin over the variants so that the machine's load hits all of them alike)
 
 with the same model and global batch, and with `--objectives dcl,hcl` one more variant per objective,
 `<name>_in_batch` (`loss.name=<name>` at `--tau-plus` / `--beta`, fn.mode='none', in-batch candidates, the
-same V views). `ratios` compares them with the baseline. `calibration` is the machine's matmul rate
+same V views). `ratios` compares them with the baseline. `speed_calibration` is the machine's matmul rate
 (`common.matmul_rate`) measured before and after, so that absolute figures from different days compare.
 
 `breakdown`: each part's share of the step, from the step's own parts (`fnc_jax.step`: `augment`,
@@ -765,7 +765,7 @@ def main(argv=None) -> dict[str, Any]:
                 "local_batch": a["local_batch"],
             }
         result["official_estimate"] = official_estimate(args, parallel.create_mesh(jax.devices()[:1]), reuse)
-    result["calibration"] = {"before": calibration_before, "after": common.matmul_rate()}
+    result["speed_calibration"] = common.speed_calibration(calibration_before)
     result["wall_s"] = round(time.time() - t_start, 1)
     return result
 
