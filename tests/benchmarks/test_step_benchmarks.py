@@ -66,8 +66,7 @@ def test_step_benchmark_quick():
     assert set(r["variants"]) == STEP_VARIANTS | {"dcl_in_batch", "hcl_in_batch"}
     assert r["variants"]["hcl_in_batch"]["objective"] == "hcl" and r["variants"]["dcl_in_batch"]["fn_mode"] == "none"
     assert positive(r["ratios"]["step_time_dcl_in_batch_over_baseline"])
-    for when in ("matmul_before", "matmul_after"):
-        assert positive(r["speed_calibration"][when]["matmul_gflops_per_s"])
+    check_calibration(r)
     for name, v in r["variants"].items():
         assert positive(v["images_per_s"]) and positive(v["views_per_s"]), name
         assert v["views_per_s"] == pytest.approx(v["images_per_s"] * v["views"])
