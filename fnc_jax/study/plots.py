@@ -1,0 +1,107 @@
+"""The study's PNG plots (matplotlib, Agg): accuracy per method with its seeds, FN precision over training,
+and the false-negative schedule's k / threshold over training.
+
+Each seed is drawn, not only the mean, so a reader sees how much of a difference is seed noise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fnc_jax.study import runner  # noqa: E402
+
+ACCURACIES = (("knn_top1_k20", "kNN@20"), ("knn_top1_k200", "kNN@200"), ("linear_probe_top1", "linear probe"))
+HISTORY_FILE = "train_history.json"
+
+
+def _save(fig, path: pathlib.Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def accuracy(study: dict[str, Any], path: pathlib.Path) -> None:
+    """Per method: every seed's accuracy (dots) and the mean with its min-max range (bar), per metric."""
+    methods = study["methods"]
+    fig, axes = plt.subplots(1, len(ACCURACIES), figsize=(4 + 0.5 * len(methods) * len(ACCURACIES), 4.5), squeeze=False)
+    for ax, (key, title) in zip(axes[0], ACCURACIES):
+        for x, m in enumerate(methods):
+            stats = m["metrics"][key]
+            if not stats["n"]:
+                continue
+            ax.scatter([x] * stats["n"], [100 * v for v in stats["per_seed"].values()], s=12, color="grey", zorder=2)
+            low, high = stats["mean"] - stats["min"], stats["max"] - stats["mean"]
+            ax.errorbar([x], [100 * stats["mean"]], yerr=[[100 * low], [100 * high]], fmt="o", capsize=4, zorder=3)
+        ax.set_xticks(range(len(methods)), [m["name"] for m in methods], rotation=60, ha="right", fontsize=7)
+        ax.set_title(title)
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{study['grid']}: mean, min-max and each seed")
+    _save(fig, path)
+
+
+def histories(
+    runs: Sequence[runner.Run], key: str, *, selected_only: bool = False
+) -> dict[str, list[tuple[list[int], list[float]]]]:
+    """Per method, each seed's (steps, values) of `key` in train_history.json (finite values only).
+
+    `selected_only` keeps the windows that selected false negatives: precision is logged as 0 where
+    nothing was selected (no cancellation, or before a schedule starts), which is no precision at all.
+    """
+    found: dict[str, list[tuple[list[int], list[float]]]] = {}
+    for run in runs:
+        history = (runner.read_json(run.workdir / HISTORY_FILE) or {}).get("history", [])
+        points = [
+            (h["step"], h[key])
+            for h in history
+            if isinstance(h.get(key), float | int)
+            and math.isfinite(h[key])
+            and (not selected_only or h.get("mean_num_fn", 0) > 0)
+        ]
+        if points:
+            steps, values = zip(*points)
+            found.setdefault(run.method.name, []).append((list(steps), list(values)))
+    return found
+
+
+def curves(series: dict[str, list[tuple[list[int], list[float]]]], axes, ylabel: str, scale: float = 1.0) -> None:
+    for i, (name, seeds) in enumerate(series.items()):
+        color = f"C{i % 10}"
+        for j, (steps, values) in enumerate(seeds):
+            axes.plot(steps, [scale * v for v in values], color=color, alpha=0.8, lw=1, label=name if j == 0 else None)
+    axes.set_xlabel("step")
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+
+
+def write_all(study: dict[str, Any], runs: Sequence[runner.Run], out: pathlib.Path) -> list[pathlib.Path]:
+    """accuracy.png, fn_precision.png (runs that select false negatives), schedule.png (schedule runs)."""
+    written = [out / "accuracy.png"]
+    accuracy(study, written[0])
+    precision = histories(runs, "fn_precision", selected_only=True)
+    if precision:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        curves(precision, ax, "FN precision (%)", scale=100.0)
+        ax.set_title("false-negative precision per logged window (one line per seed)")
+        written.append(out / "fn_precision.png")
+        _save(fig, written[-1])
+    topk, threshold = histories(runs, "fn_topk"), histories(runs, "fn_threshold")
+    if topk:
+        fig, (ax_k, ax_t) = plt.subplots(1, 2, figsize=(11, 4.5))
+        curves(topk, ax_k, "top-k in force")
+        curves(threshold, ax_t, "cosine threshold in force")
+        fig.suptitle("false-negative schedule over training")
+        written.append(out / "schedule.png")
+        _save(fig, written[-1])
+    return written

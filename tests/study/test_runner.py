@@ -1,0 +1,103 @@
+"""The study command end to end: a tiny grid (the multi-view baseline and one schedule run, 1 seed, a few
+steps of a shrunk quickstart) run by `python -m fnc_jax.study` in a subprocess, reported, rerun (nothing
+re-trained) and refused with a changed override or a bad flag."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from fnc_jax.study import __main__ as cli
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+METHODS = ("multiview", "attraction_start0.5_ramp0.25")
+TINY = [
+    "--steps=4",
+    "--set=batch_size=32",
+    "--set=data.image_size=16",
+    "--set=model.width_multiplier=0.125",
+    "--set=log_every_steps=1",
+    "--set=eval.probe_epochs=5",
+    "--set=eval.compare_random_init=False",
+]
+
+
+def study(out: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
+    # The attraction run is named first: the runner still puts the baseline first.
+    args = [sys.executable, "-m", "fnc_jax.study", "--grid=schedule", f"--methods={METHODS[1]},{METHODS[0]}"]
+    return subprocess.run(
+        [*args, "--seeds=0", f"--out={out}", *flags], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900
+    )
+
+
+@pytest.mark.slow  # two training processes: ~2 minutes on 2 cores
+def test_a_tiny_grid_runs_reports_skips_when_rerun_and_refuses_a_changed_override(tmp_path):
+    out = tmp_path / "study"
+    first = study(out, *TINY)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "[1/2] multiview seed 0: running" in first.stdout and "[2/2] attraction_start0.5_ramp0.25" in first.stdout
+
+    summary = json.loads((out / "study.json").read_text())
+    assert [m["name"] for m in summary["methods"]] == list(METHODS)
+    assert [(r["method"], r["status"], r["exit_status"]) for r in summary["runs"]] == [
+        (METHODS[0], "finished", 0),
+        (METHODS[1], "finished", 0),
+    ]
+    baseline, schedule = summary["methods"]
+    for m in (baseline, schedule):
+        assert m["seeds_finished"] == [0] and m["metrics"]["knn_top1_k20"]["n"] == 1
+    assert baseline["metrics"]["fn_precision_last_window"]["n"] == 0  # no cancellation: no precision
+    assert schedule["metrics"]["fn_precision_last_window"]["n"] == 1
+    own, base = schedule["metrics"]["linear_probe_top1"], baseline["metrics"]["linear_probe_top1"]
+    assert schedule["vs_baseline"]["linear_probe_top1"]["mean"] == pytest.approx(own["mean"] - base["mean"])
+    run = summary["runs"][1]
+    assert "--config.total_steps=4" in run["command"] and "--config.seed=0" in run["command"]
+    assert "--config.fn.start_fraction=0.5" in run["command"] and len(run["commits"]) == 1
+    record = json.loads((out / "runs" / METHODS[1] / "seed0" / "study_run.json").read_text())
+    assert len(record["attempts"]) == 1 and record["attempts"][0]["wall_s"] > 0
+    assert "pretrain step 4/4" in (out / "runs" / METHODS[1] / "seed0" / "study.log").read_text()
+
+    table = (out / "results.md").read_text()
+    assert f"| {METHODS[0]} | 1/1 |" in table and f"| {METHODS[1]} | 1/1 |" in table
+    assert f"| {METHODS[1]} | {METHODS[0]} | 1 |" in table  # the paired difference row
+    for png in ("accuracy.png", "fn_precision.png", "schedule.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+    again = study(out, *TINY)  # nothing re-trained
+    assert again.returncode == 0, again.stderr
+    assert "0 done, 2 skipped" in again.stdout
+    assert len(json.loads((out / "runs" / METHODS[1] / "seed0" / "study_run.json").read_text())["attempts"]) == 1
+
+    two_seeds = study(out, *TINY, "--report-only", "--seeds=0,1")
+    assert two_seeds.returncode == 0, two_seeds.stderr
+    assert f"| {METHODS[0]} | 1/2 (fewer than asked) |" in (out / "results.md").read_text()
+
+    changed = study(out, *[f for f in TINY if f != "--steps=4"], "--steps=5")
+    assert changed.returncode == 2
+    error = changed.stderr.strip().splitlines()[-1]
+    assert error.startswith("fnc_jax: error: ") and "holds a run with other overrides" in error, changed.stderr
+    assert "total_steps=4" in error and "total_steps=5" in error
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--seeds=0,a", "--seeds='0,a' is invalid: allowed are distinct non-negative integers"),
+        ("--steps=-1", "--steps='-1' is invalid: allowed are int values > 0"),
+        ("--set=nofield", "--set='nofield' is invalid: allowed is FIELD=VALUE"),
+        ("--set=fn.no_such=1", "override config.fn.no_such is invalid: no such config field"),
+        ("--methods=nope", "--methods='nope' is invalid: allowed are methods of --grid=schedule"),
+        ("--bogus=1", "unrecognized arguments: --bogus=1"),
+    ],
+)
+def test_a_bad_flag_is_one_line_and_status_2(tmp_path, monkeypatch, capsys, flag, message):
+    out = tmp_path / "study"
+    monkeypatch.setattr(sys, "argv", ["fnc_jax.study", "--grid=schedule", "--seeds=0", f"--out={out}", flag])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("fnc_jax: error: "), err
+    assert message in err
+    assert not out.exists()  # refused before anything was written
