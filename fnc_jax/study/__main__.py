@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import signal
 import sys
 from typing import Any
 
@@ -96,7 +97,7 @@ def run(argv: list[str]) -> None:
     out = pathlib.Path(args.out).resolve()
     runs = runner.plan(methods, seeds, out)
     runner.check_recorded(runs)
-    counts = runner.run_all(runs) if not args.report_only else None
+    counts = runner.run_all(runs, out) if not args.report_only else None
     study = report.write(args.grid, methods, seeds, runs, out)
     print(report.markdown(study).split("\n## Runs")[0])
     print(f"Wrote {out / 'results.md'}, {out / 'study.json'} and the plots.")
@@ -107,6 +108,8 @@ def run(argv: list[str]) -> None:
 
 
 def main() -> None:
+    # SIGTERM (a kill, a scheduler) becomes an exit, so the running training process is stopped with it.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     errors.exit_on_user_error(run, sys.argv)
 
 

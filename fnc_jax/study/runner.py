@@ -6,19 +6,22 @@ finished runs (results.json with `quality`, not preempted) are skipped, half-fin
 their own checkpoints. Seeds are paired (every method for seed 0, then seed 1, ...) with the baselines
 first, so a study cut short still gives paired comparisons. Each run dir's `study_run.json` records the
 overrides, the exact command, the commit (dirty flag: tracked files only) and every attempt's wall time
-and exit status; a run dir recorded with other overrides is refused before anything runs.
+and exit status; a run dir recorded with other overrides is refused before anything runs, and so is a
+second study process on the same OUT (a lock file).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import pathlib
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import fnc_jax
@@ -30,6 +33,7 @@ CONFIG = "configs/default.py"
 RUN_FILE = "study_run.json"
 RESULTS_FILE = "results.json"
 LOG_FILE = "study.log"
+LOCK_FILE = ".study.lock"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +118,12 @@ def git_commit() -> tuple[str, bool]:
     return git("rev-parse", "HEAD") or "unknown", bool(git("status", "--porcelain", "--untracked-files=no"))
 
 
-def execute(run: Run, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Runs (or resumes) one run to its end; appends the attempt to its study_run.json and returns that."""
+def execute(run: Run) -> dict[str, Any]:
+    """Runs (or resumes) one run to its end; appends the attempt to its study_run.json and returns that.
+
+    Interrupted (Ctrl-C, or SIGTERM to the study: `__main__` makes that an exit), the run gets SIGTERM
+    too, saves a checkpoint at its next step and exits, so nothing trains on unattended.
+    """
     run.workdir.mkdir(parents=True, exist_ok=True)
     record = read_json(run.workdir / RUN_FILE) or {
         "method": run.method.name,
@@ -125,42 +133,74 @@ def execute(run: Run, env: dict[str, str] | None = None) -> dict[str, Any]:
         "attempts": [],
     }
     commit, dirty = git_commit()
-    env = dict(os.environ if env is None else env)
+    env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     started = time.time()
     with open(run.workdir / LOG_FILE, "ab") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(run.command)}\n".encode())
         log.flush()
-        status = subprocess.run(run.command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    attempt = {
-        "commit": commit,
-        "dirty": dirty,
-        "command": run.command,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "wall_s": round(time.time() - started, 1),
-        "exit_status": status,
-    }
-    record["attempts"].append(attempt)
-    checkpoints.write_json_atomic(run.workdir / RUN_FILE, record)  # tmp + os.replace
-    return attempt
+        proc = subprocess.Popen(run.command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+            record["attempts"].append(
+                {
+                    "commit": commit,
+                    "dirty": dirty,
+                    "command": run.command,
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                    "wall_s": round(time.time() - started, 1),
+                    "exit_status": proc.returncode,
+                }
+            )
+            checkpoints.write_json_atomic(run.workdir / RUN_FILE, record)  # tmp + os.replace
+    return record["attempts"][-1]
 
 
-def run_all(runs: Sequence[Run], say=print) -> dict[str, int]:
-    """Runs every unfinished run in order; a failed run is recorded and the study goes on."""
+def _say(line: str) -> None:
+    print(line, flush=True)  # the study usually runs in the background, its output in a file
+
+
+@contextlib.contextmanager
+def lock(out: pathlib.Path) -> Iterator[None]:
+    """One study process per OUT at a time: two would train the same run dir at once."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise errors.ConfigError(
+                f"--out={str(out)!r} is invalid: another study is running there (pid {handle.read().strip() or '?'}); "
+                "allowed is an --out no other study process uses."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+
+
+def run_all(runs: Sequence[Run], out: pathlib.Path, say: Callable[[str], None] = _say) -> dict[str, int]:
+    """Runs every unfinished run in order (holding OUT's lock); a failed run is recorded and the study goes on."""
     check_recorded(runs)
     counts = {"skipped": 0, "ok": 0, "failed": 0}
-    for i, run in enumerate(runs, 1):
-        where = f"[{i}/{len(runs)}] {run.method.name} seed {run.seed}"
-        if finished(run.workdir):
-            counts["skipped"] += 1
-            say(f"{where}: finished earlier, skipped")
-            continue
-        say(f"{where}: running in {run.workdir}")
-        attempt = execute(run)
-        ok = attempt["exit_status"] == 0 and finished(run.workdir)
-        counts["ok" if ok else "failed"] += 1
-        say(
-            f"{where}: {'done' if ok else 'FAILED (exit ' + str(attempt['exit_status']) + ')'} in "
-            f"{attempt['wall_s']:.0f} s (log: {run.workdir / LOG_FILE})"
-        )
+    with lock(out):
+        for i, run in enumerate(runs, 1):
+            where = f"[{i}/{len(runs)}] {run.method.name} seed {run.seed}"
+            if finished(run.workdir):
+                counts["skipped"] += 1
+                say(f"{where}: finished earlier, skipped")
+                continue
+            say(f"{where}: running in {run.workdir}")
+            attempt = execute(run)
+            ok = attempt["exit_status"] == 0 and finished(run.workdir)
+            counts["ok" if ok else "failed"] += 1
+            say(
+                f"{where}: {'done' if ok else 'FAILED (exit ' + str(attempt['exit_status']) + ')'} in "
+                f"{attempt['wall_s']:.0f} s (log: {run.workdir / LOG_FILE})"
+            )
     return counts

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
+from fnc_jax import errors
 from fnc_jax.study import __main__ as cli
+from fnc_jax.study import grids, runner
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 METHODS = ("multiview", "attraction_start0.5_ramp0.25")
@@ -101,3 +103,37 @@ def test_a_bad_flag_is_one_line_and_status_2(tmp_path, monkeypatch, capsys, flag
     assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("fnc_jax: error: "), err
     assert message in err
     assert not out.exists()  # refused before anything was written
+
+
+def test_seeds_are_paired_with_the_baselines_first_and_recorded_overrides_are_kept(tmp_path):
+    methods = runner.with_overrides(grids.grid("long"), {"total_steps": 3})
+    runs = runner.plan(tuple(reversed(methods)), [1, 0], tmp_path)
+    assert [(r.method.name, r.seed) for r in runs] == [
+        ("long_multiview", 1),
+        ("long_fnc_elimination", 1),
+        ("long_fnc_attraction", 1),
+        ("long_multiview", 0),
+        ("long_fnc_elimination", 0),
+        ("long_fnc_attraction", 0),
+    ]
+    assert runs[2].overrides == ("seed=1", "fn.mode=attraction", "epochs=24", "total_steps=3")
+    assert runs[2].command[3] == f"--config={runner.REPO_ROOT / 'configs' / 'default.py'}"
+    assert runs[2].command[4:] == [
+        f"--workdir={tmp_path}/runs/long_fnc_attraction/seed1",
+        *[f"--config.{o}" for o in runs[2].overrides],
+    ]
+    runner.check_recorded(runs)  # nothing recorded yet
+    runs[2].workdir.mkdir(parents=True)
+    record = {"overrides": [*runs[2].overrides[:-1], "total_steps=4"]}
+    (runs[2].workdir / runner.RUN_FILE).write_text(json.dumps(record))
+    with pytest.raises(errors.ConfigError, match=r"long_fnc_attraction/seed1 holds a run with other overrides"):
+        runner.check_recorded(runs)
+
+
+def test_a_second_study_on_the_same_out_is_refused(tmp_path):
+    with runner.lock(tmp_path):
+        with pytest.raises(errors.ConfigError, match="another study is running there"):
+            with runner.lock(tmp_path):
+                pass
+    with runner.lock(tmp_path):  # released: free again
+        pass
