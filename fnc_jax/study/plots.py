@@ -31,22 +31,28 @@ def _save(fig, path: pathlib.Path) -> None:
 
 
 def accuracy(study: dict[str, Any], path: pathlib.Path) -> None:
-    """Per method: every seed's accuracy (dots) and the mean with its min-max range (bar), per metric."""
+    """Per method (a row): every seed's accuracy (grey dots) and the mean with its min-max range, per metric;
+    the dashed line is each panel's first method (the grid's baseline) so a difference reads against it."""
     methods = study["methods"]
-    fig, axes = plt.subplots(1, len(ACCURACIES), figsize=(4 + 0.5 * len(methods) * len(ACCURACIES), 4.5), squeeze=False)
+    height = 2.0 + 0.35 * len(methods)
+    fig, axes = plt.subplots(1, len(ACCURACIES), figsize=(12, height), sharey=True, squeeze=False, layout="constrained")
+    rows = range(len(methods))[::-1]  # the first method on top
     for ax, (key, title) in zip(axes[0], ACCURACIES):
-        for x, m in enumerate(methods):
+        for y, m in zip(rows, methods):
             stats = m["metrics"][key]
             if not stats["n"]:
                 continue
-            ax.scatter([x] * stats["n"], [100 * v for v in stats["per_seed"].values()], s=12, color="grey", zorder=2)
+            ax.scatter([100 * v for v in stats["per_seed"].values()], [y] * stats["n"], s=14, color="grey", zorder=2)
             low, high = stats["mean"] - stats["min"], stats["max"] - stats["mean"]
-            ax.errorbar([x], [100 * stats["mean"]], yerr=[[100 * low], [100 * high]], fmt="o", capsize=4, zorder=3)
-        ax.set_xticks(range(len(methods)), [m["name"] for m in methods], rotation=60, ha="right", fontsize=7)
+            ax.errorbar([100 * stats["mean"]], [y], xerr=[[100 * low], [100 * high]], fmt="o", color="C0", capsize=4)
+        if methods[0]["metrics"][key]["n"]:
+            ax.axvline(100 * methods[0]["metrics"][key]["mean"], color="C3", ls="--", lw=1)
         ax.set_title(title)
-        ax.set_ylabel("top-1 (%)")
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{study['grid']}: mean, min-max and each seed")
+        ax.set_xlabel("top-1 (%)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(list(rows), [m["name"] for m in methods], fontsize=8)
+    axes[0][0].set_ylim(-0.6, len(methods) - 0.4)
+    fig.suptitle(f"{study['grid']}: mean and min-max over seeds (grey: each seed)")
     _save(fig, path)
 
 
@@ -91,14 +97,14 @@ def write_all(study: dict[str, Any], runs: Sequence[runner.Run], out: pathlib.Pa
     accuracy(study, written[0])
     precision = histories(runs, "fn_precision", selected_only=True)
     if precision:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
         curves(precision, ax, "FN precision (%)", scale=100.0)
         ax.set_title("false-negative precision per logged window (one line per seed)")
         written.append(out / "fn_precision.png")
         _save(fig, written[-1])
     topk, threshold = histories(runs, "fn_topk"), histories(runs, "fn_threshold")
     if topk:
-        fig, (ax_k, ax_t) = plt.subplots(1, 2, figsize=(11, 4.5))
+        fig, (ax_k, ax_t) = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
         curves(topk, ax_k, "top-k in force")
         curves(threshold, ax_t, "cosine threshold in force")
         fig.suptitle("false-negative schedule over training")

@@ -157,12 +157,19 @@ def markdown(study: dict[str, Any]) -> str:
         "|---" * 7 + "|",
     ]
     for r in study["runs"]:
-        commits = ", ".join(f"`{c[:10]}`" for c in r["commits"]) or "–"
+        commits = ", ".join(f"`{c[:10]}{'-dirty' * c.endswith('-dirty')}`" for c in r["commits"]) or "–"
         lines.append(
             f"| {r['method']} | {r['seed']} | {r['status']} | {commits} | {r['wall_s']:.0f} | {r['attempts']} | "
             f"{'–' if r['exit_status'] is None else r['exit_status']} |"
         )
-    lines += ["", "Commands (the last attempt of each run):", "", "```"]
+    total = sum(r["wall_s"] for r in study["runs"])
+    lines += ["", f"Wall time of all runs: {total / 60:.0f} min.", ""]
+    lines += ["## Methods (overrides of configs/default.py)", ""]
+    lines += [
+        f"- {m['name']} (vs {m['baseline']}): " + ", ".join(f"`{k}={v}`" for k, v in m["overrides"].items())
+        for m in study["methods"]
+    ]
+    lines += ["", "Commands (the last attempt of each run; planned for runs not started):", "", "```"]
     lines += [" ".join(r["command"]) for r in study["runs"]]
     lines += ["```", "", "Plots: accuracy.png, fn_precision.png, schedule.png (when the grid has schedule runs).", ""]
     return "\n".join(lines)
