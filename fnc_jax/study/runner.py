@@ -99,10 +99,11 @@ def finished(workdir: pathlib.Path) -> bool:
 
 
 def check_recorded(runs: Sequence[Run]) -> None:
-    """Refuses (before any run starts) a run dir whose recorded overrides differ from the planned ones."""
+    """Refuses (before any run starts) a run dir whose recorded overrides differ from the planned ones
+    (as a set: each field appears once, so the order of the --set flags does not matter)."""
     for run in runs:
         record = read_json(run.workdir / RUN_FILE)
-        if record is not None and tuple(record["overrides"]) != run.overrides:
+        if record is not None and set(record["overrides"]) != set(run.overrides):
             old, new = set(record["overrides"]) - set(run.overrides), set(run.overrides) - set(record["overrides"])
             raise errors.ConfigError(
                 f"{run.workdir} holds a run with other overrides (recorded {sorted(old)}, asked {sorted(new)}): "
