@@ -48,6 +48,12 @@ def spread(values: Sequence[float]) -> dict[str, Any]:
     return {"n": int(a.size), "mean": float(a.mean()), "std": std, "min": float(a.min()), "max": float(a.max())}
 
 
+def failure(log: pathlib.Path) -> str:
+    """Why a run failed: the last line of its log (the exception, e.g. loop.NonFiniteError for a collapse)."""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.exists() else []
+    return (lines[-1].strip() if lines else "no log")[:160].replace("|", "/")
+
+
 def run_entry(run: runner.Run) -> dict[str, Any]:
     """One run's status and provenance: finished / failed / partial / not run, commit(s), command, wall time."""
     record = runner.read_json(run.workdir / runner.RUN_FILE) or {"attempts": []}
@@ -55,7 +61,7 @@ def run_entry(run: runner.Run) -> dict[str, Any]:
     if runner.finished(run.workdir):
         status = "finished"
     elif attempts and attempts[-1]["exit_status"] != 0:
-        status = "failed"
+        status = f"failed: {failure(run.workdir / runner.LOG_FILE)}"
     else:
         status = "partial" if (run.workdir / "checkpoints").exists() else "not run"
     return {

@@ -11,7 +11,7 @@ import pytest
 
 from fnc_jax import errors
 from fnc_jax.study import __main__ as cli
-from fnc_jax.study import grids, runner
+from fnc_jax.study import grids, report, runner
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 METHODS = ("multiview", "attraction_start0.5_ramp0.25")
@@ -137,3 +137,15 @@ def test_a_second_study_on_the_same_out_is_refused(tmp_path):
                 pass
     with runner.lock(tmp_path):  # released: free again
         pass
+
+
+def test_a_failed_run_is_reported_with_its_reason(tmp_path):
+    (run,) = runner.plan(grids.grid("baselines")[:1], [0], tmp_path)
+    assert report.run_entry(run)["status"] == "not run"
+    run.workdir.mkdir(parents=True)
+    attempt = {"commit": "abc", "dirty": False, "command": run.command, "wall_s": 12.5, "exit_status": 1}
+    (run.workdir / runner.RUN_FILE).write_text(json.dumps({"overrides": list(run.overrides), "attempts": [attempt]}))
+    (run.workdir / runner.LOG_FILE).write_text("step 1\nfnc_jax.loop.NonFiniteError: Non-finite loss | at step 3\n\n")
+    entry = report.run_entry(run)
+    assert entry["status"] == "failed: fnc_jax.loop.NonFiniteError: Non-finite loss / at step 3"
+    assert (entry["commits"], entry["wall_s"], entry["exit_status"]) == (["abc"], 12.5, 1)
