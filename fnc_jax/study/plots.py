@@ -82,7 +82,7 @@ def histories(
 
 def curves(series: dict[str, list[tuple[list[int], list[float]]]], axes, ylabel: str, scale: float = 1.0) -> None:
     for i, (name, seeds) in enumerate(series.items()):
-        color = f"C{i % 10}"
+        color = plt.cm.tab20(i % 20) if len(series) > 10 else f"C{i}"
         for j, (steps, values) in enumerate(seeds):
             axes.plot(steps, [scale * v for v in values], color=color, alpha=0.8, lw=1, label=name if j == 0 else None)
     axes.set_xlabel("step")

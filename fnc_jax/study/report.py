@@ -143,17 +143,19 @@ def markdown(study: dict[str, Any]) -> str:
         name, n = m["name"], len(m["seeds_finished"])
         seeds_cell = f"{n}/{m['seeds_asked']}" + (" (fewer than asked)" if n < m["seeds_asked"] else "")
         lines.append(f"| {name} | {seeds_cell} | " + " | ".join(_cell(m["metrics"][k]) for k, _ in METRICS) + " |")
+    # A column only where some difference exists (FN precision: only against a baseline that cancels).
+    compared = [(k, col) for k, col in METRICS if any(m["vs_baseline"].get(k, {}).get("n") for m in study["methods"])]
     lines += [
         "",
         "## Paired differences to the baseline",
         "",
-        "| method | baseline | pairs | " + " | ".join(f"Δ {col}" for _, col in METRICS) + " |",
-        "|---" * (len(METRICS) + 3) + "|",
+        "| method | baseline | pairs | " + " | ".join(f"Δ {col}" for _, col in compared) + " |",
+        "|---" * (len(compared) + 3) + "|",
     ]
     for m in study["methods"]:
         if m["vs_baseline"]:
             pairs = max(d["n"] for d in m["vs_baseline"].values())
-            cells = " | ".join(_cell(m["vs_baseline"][k], signed=True) for k, _ in METRICS)
+            cells = " | ".join(_cell(m["vs_baseline"][k], signed=True) for k, _ in compared)
             lines.append(f"| {m['name']} | {m['baseline']} | {pairs} | {cells} |")
     lines += [
         "",
