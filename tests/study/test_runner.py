@@ -149,3 +149,70 @@ def test_a_failed_run_is_reported_with_its_reason(tmp_path):
     entry = report.run_entry(run)
     assert entry["status"] == "failed: fnc_jax.loop.NonFiniteError: Non-finite loss / at step 3"
     assert (entry["commits"], entry["wall_s"], entry["exit_status"]) == (["abc"], 12.5, 1)
+
+
+# A stand-in for `python -m fnc_jax.main` (argv: workdir, method, seed): writes what a finished run writes,
+# accuracies set by method and seed; the method named "broken" fails, so the orchestration and the report
+# run in CI in seconds (the real training processes are the slow test above).
+FAKE_RUN = """
+import json, pathlib, sys
+workdir, method, seed = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+if method == "broken":
+    sys.exit("RuntimeError: broken on purpose")
+acc = 0.8 + 0.01 * seed + (0.02 if method == "better" else 0.0)
+fn_mode = "none" if method == "base" else "attraction"
+quality = {"pretrained": {"knn_top1_k20": acc, "knn_top1_k200": acc, "linear_probe_top1": acc + 0.05},
+           "fn_precision_last_window": 0.5}
+history = [{"step": s, "fn_precision": 0.1 * s, "mean_num_fn": 1.0, "fn_topk": s, "fn_threshold": 0.9} for s in (1, 2)]
+(workdir / "results.json").write_text(json.dumps({"quality": quality, "preempted": False, "config": {"fn": {"mode": fn_mode}}}))
+(workdir / "train_history.json").write_text(json.dumps({"history": history}))
+"""
+
+
+def test_the_runner_and_report_pair_seeds_record_failures_and_skip_finished_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        runner.Run,
+        "command",
+        property(lambda r: [sys.executable, "-c", FAKE_RUN, str(r.workdir), r.method.name, str(r.seed)]),
+    )
+    methods = (grids.Method("better", {"fn.mode": "attraction"}, "base"), grids.Method("base", {}, "base"))
+    methods += (grids.Method("broken", {}, "base"),)
+    runs = runner.plan(methods, [0, 1, 2], tmp_path)
+    lines = []
+    assert runner.run_all(runs, tmp_path, say=lines.append) == {"skipped": 0, "ok": 6, "failed": 3}
+    assert lines[0] == f"[1/9] base seed 0: running in {tmp_path}/runs/base/seed0"
+    assert lines[-1].startswith("[9/9] broken seed 2: FAILED (exit 1)")
+
+    study = report.write("fake", methods, [0, 1, 2], runs, tmp_path)
+    better, base, broken = study["methods"]
+    assert better["metrics"]["knn_top1_k20"]["mean"] == pytest.approx(0.83)
+    assert better["metrics"]["knn_top1_k20"]["std"] == pytest.approx(0.01)
+    assert (better["metrics"]["knn_top1_k20"]["min"], better["metrics"]["knn_top1_k20"]["max"]) == pytest.approx(
+        (0.82, 0.84)
+    )
+    diff = better["vs_baseline"]["linear_probe_top1"]
+    assert (diff["n"], diff["mean"], diff["std"]) == (3, pytest.approx(0.02), pytest.approx(0.0, abs=1e-12))
+    assert (
+        base["metrics"]["fn_precision_last_window"]["n"] == 0
+        and better["metrics"]["fn_precision_last_window"]["n"] == 3
+    )
+    assert broken["seeds_finished"] == [] and not base["vs_baseline"]
+    assert {r["status"] for r in study["runs"] if r["method"] == "broken"} == {
+        "failed: RuntimeError: broken on purpose"
+    }
+    assert json.loads((tmp_path / "study.json").read_text())["methods"][0]["name"] == "better"
+
+    table = (tmp_path / "results.md").read_text()
+    assert (
+        "| better | 3/3 | 83.0 ± 1.0 [82.0, 84.0] | 83.0 ± 1.0 [82.0, 84.0] | 88.0 ± 1.0 [87.0, 89.0] | 50.0 ± 0.0"
+        in table
+    )
+    assert "| broken | 0/3 (fewer than asked) |" in table
+    assert "| better | base | 3 | +2.0 ± 0.0 [+2.0, +2.0] |" in table
+    for png in ("accuracy.png", "fn_precision.png", "schedule.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+    lines.clear()
+    assert runner.run_all(runs, tmp_path, say=lines.append) == {"skipped": 6, "ok": 0, "failed": 3}  # retried
+    assert len(json.loads((runs[0].workdir / runner.RUN_FILE).read_text())["attempts"]) == 1
+    assert len(json.loads((runs[2].workdir / runner.RUN_FILE).read_text())["attempts"]) == 2
