@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from fnc_jax import checkpoints
 from fnc_jax.study import grids, plots, runner
 
 # (key, column) of the compared numbers; accuracies from quality.pretrained, FN precision from quality.
@@ -191,6 +190,8 @@ def write_text_atomic(path: pathlib.Path, text: str) -> None:
 
 def write(grid_name: str, methods: Sequence[grids.Method], seeds: Sequence[int], runs: Sequence[runner.Run], out):
     """Writes OUT/study.json, OUT/results.md and the plots; returns the study summary."""
+    from fnc_jax import checkpoints  # noqa: PLC0415 (imports TensorFlow: not before a flag error is possible)
+
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     study = summarize(grid_name, methods, seeds, runs)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import fnc_jax
-from fnc_jax import checkpoints, errors
+from fnc_jax import errors
 from fnc_jax.study import grids
 
 REPO_ROOT = pathlib.Path(fnc_jax.__file__).resolve().parents[1]
@@ -129,6 +129,8 @@ def execute(run: Run, cache: pathlib.Path) -> dict[str, Any]:
     Interrupted (Ctrl-C, or SIGTERM to the study: `__main__` makes that an exit), the run gets SIGTERM
     too, saves a checkpoint at its next step and exits, so nothing trains on unattended.
     """
+    from fnc_jax import checkpoints  # noqa: PLC0415 (imports TensorFlow: not before a flag error is possible)
+
     run.workdir.mkdir(parents=True, exist_ok=True)
     record = read_json(run.workdir / RUN_FILE) or {
         "method": run.method.name,

@@ -105,6 +105,16 @@ def test_a_bad_flag_is_one_line_and_status_2(tmp_path, monkeypatch, capsys, flag
     assert not out.exists()  # refused before anything was written
 
 
+def test_the_command_line_error_is_the_only_line_on_stderr(tmp_path):
+    # Nothing heavy (TensorFlow, JAX) is imported before the flags are checked: no log noise, under a second.
+    result = study(tmp_path / "study", "--seeds=")
+    assert result.returncode == 2
+    assert (
+        result.stderr == "fnc_jax: error: --seeds='' is invalid: allowed are distinct non-negative integers "
+        "separated by commas (0,1,2).\n"
+    )
+
+
 def test_seeds_are_paired_with_the_baselines_first_and_recorded_overrides_are_kept(tmp_path):
     methods = runner.with_overrides(grids.grid("long"), {"total_steps": 3})
     runs = runner.plan(tuple(reversed(methods)), [1, 0], tmp_path)
