@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -58,11 +57,7 @@ def run(argv: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    try:
-        run(argv)
-    except errors.UserError as error:
-        print(f"fnc_jax: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    errors.exit_on_user_error(run, argv)
 
 
 if __name__ == "__main__":

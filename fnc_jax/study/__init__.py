@@ -1,1 +1,5 @@
-"""The small-scale study (issue 14): named grids of quickstart runs (`grids`)."""
+"""The small-scale study (issue 14): `python -m fnc_jax.study --grid=NAME --seeds=0,1,2 --out=DIR`.
+
+`grids` (the named grids as data), `runner` (one training process per method and seed, resumable),
+`report` and `plots` (results.md, study.json and the PNGs from what has finished).
+"""

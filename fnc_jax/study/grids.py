@@ -51,6 +51,15 @@ GRIDS: dict[str, tuple[Method, ...]] = {
             for t in (0.7, 0.9)
         ),
     ),
+    # The high-precision selection the FN analysis mode found on the quickstart checkpoint (mean over the
+    # support views, cos > 0.9: 81-95% precision at recall below 1%): does precision turn the loss into a gain?
+    "precision": (
+        _MULTIVIEW,
+        *(
+            _fn(f"{mode}_mean_threshold0.9", fn__mode=mode, fn__aggregation="mean", fn__threshold=0.9)
+            for mode in ("attraction", "elimination")
+        ),
+    ),
     "schedule": (
         _MULTIVIEW,
         _fn(
