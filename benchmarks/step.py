@@ -17,7 +17,10 @@ round-robin over the variants so that the machine's load hits all of them alike)
   (c) `baseline_multiview`: the same V views, fn.mode='none', no memory (multi-crop SimCLR),
   (d) `simclr_2view`: V = 2, fn.mode='none', no memory,
 
-with the same model and global batch. `ratios` compares them.
+with the same model and global batch, and with `--objectives dcl,hcl` one more variant per objective,
+`<name>_in_batch` (`loss.name=<name>` at `--tau-plus` / `--beta`, fn.mode='none', in-batch candidates, the
+same V views). `ratios` compares them with the baseline. `calibration` is the machine's matmul rate
+(`common.matmul_rate`) measured before and after, so that absolute figures from different days compare.
 
 `breakdown`: each part's share of the step, from the step's own parts (`fnc_jax.step`: `augment`,
 `encode`, `ema_targets`, `contrastive_loss`, `apply_gradients`, `keep_if_finite`) and a few finer
@@ -81,6 +84,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--views", type=int, default=6, help="V = 2 + support views for variants a-c")
     p.add_argument("--memory-multiplier", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument(
+        "--objectives",
+        default="",
+        help="comma-separated objectives of fnc_jax.objectives.OBJECTIVES other than fnc (dcl, hcl), each added as "
+        "a '<name>_in_batch' variant",
+    )
+    p.add_argument("--tau-plus", type=float, default=0.1, help="loss.tau_plus of the dcl/hcl variants")
+    p.add_argument("--beta", type=float, default=1.0, help="loss.beta of the hcl variant")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--no-official", action="store_true", help="skip the R50 / official-shape estimate")
@@ -89,15 +100,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", help="also write the JSON here")
     common.add_cache_flags(p)
     args = p.parse_args(argv)
+    args.objectives = tuple(o for o in args.objectives.split(",") if o)
     if args.quick:
         args.width, args.batch, args.views, args.repeats = 0.125, 16, 4, 2
         args.official_repeats = 1
     return args
 
 
+def variant_names(args) -> tuple[str, ...]:
+    return VARIANTS + tuple(f"{o}_in_batch" for o in args.objectives)
+
+
 def variant_config(args, name: str):
     views = 2 if name == "simclr_2view" else args.views
-    return common.small_config(
+    config = common.small_config(
         depth=args.depth,
         width=args.width,
         image_size=args.image_size,
@@ -107,6 +123,10 @@ def variant_config(args, name: str):
         fn_mode="attraction" if name.startswith("fnc") else "none",
         dtype=args.dtype,
     )
+    objective = name.removesuffix("_in_batch")
+    if objective in args.objectives:
+        config.loss.name, config.loss.tau_plus, config.loss.beta = objective, args.tau_plus, args.beta
+    return config
 
 
 def compile_all(jobs: dict[str, tuple[Any, tuple]]) -> tuple[dict[str, Any], dict[str, float]]:
@@ -552,6 +572,13 @@ def main(argv=None) -> dict[str, Any]:
     import jax
 
     cache_dir = common.enable_compile_cache(args)
+    from fnc_jax.objectives import OBJECTIVES  # imports jax: after the device count is set
+
+    extra = [o for o in OBJECTIVES if o != "fnc"]
+    for name in args.objectives:
+        if name not in extra:
+            print(f"--objectives={name!r} is invalid: allowed are {', '.join(extra)}", file=sys.stderr)
+            raise SystemExit(2)
 
     from fnc_jax import parallel
 
@@ -562,8 +589,10 @@ def main(argv=None) -> dict[str, Any]:
         f"batch {args.batch}, V={args.views}, memory x{args.memory_multiplier}"
     )
 
+    calibration_before = common.matmul_rate()
+    names = variant_names(args)
     bundles, states, batches, configs = {}, {}, {}, {}
-    for name in VARIANTS:
+    for name in names:
         cfg = variant_config(args, name)
         configs[name] = cfg
         bundles[name] = common.build_step(cfg, mesh, num_classes=10)
@@ -571,11 +600,11 @@ def main(argv=None) -> dict[str, Any]:
     # The state does not depend on V or fn.mode: one initialisation with the queue, one without (copied).
     states["fnc_memory"] = bundles["fnc_memory"].initial_state()
     no_memory = bundles["fnc_in_batch"].initial_state()
-    for name in ("fnc_in_batch", "baseline_multiview", "simclr_2view"):
+    for name in names[1:]:
         states[name] = jax.tree.map(lambda x: x.copy(), no_memory)
 
-    common.log("compiling the four train steps")
-    step_jobs = {n: (bundles[n].step_fn, (states[n], batches[n])) for n in VARIANTS}
+    common.log(f"compiling the {len(names)} train steps")
+    step_jobs = {n: (bundles[n].step_fn, (states[n], batches[n])) for n in names}
     compiled, compile_s = compile_all(step_jobs)
 
     def stepper(name):
@@ -588,10 +617,10 @@ def main(argv=None) -> dict[str, Any]:
     common.log("timing the steps (round-robin)")
     cpu_times: dict[str, list[float]] = {}
     times = common.time_interleaved(
-        {n: stepper(n) for n in VARIANTS}, repeats=args.repeats, warmup=1 if args.quick else 2, cpu_times=cpu_times
+        {n: stepper(n) for n in names}, repeats=args.repeats, warmup=1 if args.quick else 2, cpu_times=cpu_times
     )
     variants: dict[str, Any] = {}
-    for n in VARIANTS:
+    for n in names:
         cfg = configs[n]
         v = 2 + cfg.views.support_size
         t = common.summarize(times[n])
@@ -599,6 +628,7 @@ def main(argv=None) -> dict[str, Any]:
         med = t["median_s"]
         cpu = common.summarize(cpu_times[n])["median_s"]
         variants[n] = {
+            "objective": cfg.loss.name,
             "fn_mode": cfg.fn.mode,
             "memory_multiplier": cfg.memory.multiplier,
             "ema": cfg.memory.multiplier > 0,
@@ -625,21 +655,29 @@ def main(argv=None) -> dict[str, Any]:
         "step_time_fnc_memory_over_simclr": variants["fnc_memory"]["step"]["median_s"] / simclr,
         "views_per_s_fnc_in_batch_over_baseline": variants["fnc_in_batch"]["views_per_s"]
         / variants["baseline_multiview"]["views_per_s"],
+        **{
+            f"step_time_{o}_in_batch_over_baseline": variants[f"{o}_in_batch"]["step"]["median_s"] / base
+            for o in args.objectives
+        },
     }
     # The same ratios in process CPU time (all threads), less sensitive to other processes on the cores.
-    cpu = {n: variants[n]["step_cpu_s"] for n in VARIANTS}
+    cpu = {n: variants[n]["step_cpu_s"] for n in names}
     ratios_cpu = {
         "step_cpu_fnc_memory_over_baseline": cpu["fnc_memory"] / cpu["baseline_multiview"],
         "step_cpu_fnc_in_batch_over_baseline": cpu["fnc_in_batch"] / cpu["baseline_multiview"],
         "step_cpu_baseline_over_simclr": cpu["baseline_multiview"] / cpu["simclr_2view"],
         "step_cpu_fnc_memory_over_simclr": cpu["fnc_memory"] / cpu["simclr_2view"],
+        **{
+            f"step_cpu_{o}_in_batch_over_baseline": cpu[f"{o}_in_batch"] / cpu["baseline_multiview"]
+            for o in args.objectives
+        },
     }
 
     breakdown: dict[str, Any] = {}
     if not args.no_breakdown:
         # Parts with identical shapes and settings are compiled and timed once and shared by the variants.
         jobs, descriptions, owner = {}, {}, {}
-        for n in VARIANTS:
+        for n in names:
             vjobs, vdesc = part_functions(bundles[n], states[n], batches[n])
             for k, job in vjobs.items():
                 job_name = f"{share_key(k, n, bundles[n])}/{k}"
@@ -651,14 +689,14 @@ def main(argv=None) -> dict[str, Any]:
         part_compiled, part_compile_s = compile_all(jobs)
         fns = {name: (lambda c=part_compiled[name], a=jobs[name][1]: c(*a)) for name in jobs}
         # The steps are timed again in the same rounds, so part and step times share the machine's load.
-        for n in VARIANTS:
+        for n in names:
             fns[f"{n}/step"] = stepper(n)
         common.log(f"timing {len(fns)} functions (round-robin)")
         part_cpu: dict[str, list[float]] = {}
         part_times = common.time_interleaved(fns, repeats=args.repeats, warmup=1, min_time=0.0, cpu_times=part_cpu)
         medians = {k: common.summarize(v)["median_s"] for k, v in part_times.items()}
         cpu_medians = {k: common.summarize(v)["median_s"] for k, v in part_cpu.items()}
-        for n in VARIANTS:
+        for n in names:
             t = {k: medians[job] for k, job in owner[n].items()}
             entry = derive_shares(medians[f"{n}/step"], t, bundles[n].settings.use_memory)
             entry["sub_function_median_s"] = t
@@ -675,7 +713,7 @@ def main(argv=None) -> dict[str, Any]:
         breakdown["compile_s"] = {k: round(v, 2) for k, v in part_compile_s.items()}
         breakdown["method"] = (
             "Each sub-function is jitted on the step's own shapes and shardings and timed round-robin with the "
-            "four steps (median of the repeats). Exclusive parts: encoder = online forward+backward - head "
+            "steps (median of the repeats). Exclusive parts: encoder = online forward+backward - head "
             "forward+backward - gradient all-reduce; loss = loss_and_grad - FN identification - (in-batch) the "
             "candidate gather; EMA forward, gather, augmentation and optimiser as timed. Negative derived parts "
             "are clamped to 0 (listed). shares = part / sum of parts (sum to 1); share_of_step = part / the "
@@ -699,6 +737,9 @@ def main(argv=None) -> dict[str, Any]:
             "memory_multiplier": args.memory_multiplier,
             "dtype": args.dtype,
             "proj_out_dim": 128,
+            "objectives": ["fnc", *args.objectives],
+            "tau_plus": args.tau_plus,
+            "beta": args.beta,
         },
         "command": "python -m benchmarks.step " + " ".join(sys.argv[1:] if argv is None else argv),
         "compile_cache_dir": cache_dir,
@@ -724,6 +765,7 @@ def main(argv=None) -> dict[str, Any]:
                 "local_batch": a["local_batch"],
             }
         result["official_estimate"] = official_estimate(args, parallel.create_mesh(jax.devices()[:1]), reuse)
+    result["calibration"] = {"before": calibration_before, "after": common.matmul_rate()}
     result["wall_s"] = round(time.time() - t_start, 1)
     return result
 

@@ -17,122 +17,26 @@ resume automatically from their workdir, like pretraining.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from clu import metric_writers
 from etils import epath
 
 from fnc_jax import checkpoints, config_base, console, errors, parallel
 from fnc_jax.data import sources
-from fnc_jax.evaluation import classification, features, fn_analysis, knn, restore, validation
+from fnc_jax.evaluation import classification, features, fn_analysis, knn, restore, starting_variables, validation
 from fnc_jax.models import factory
 
-RESTORE_FILE = "restore.json"
 FN_VIEWS_DOC = (
     "pretraining views: the host pipeline of pretraining (pipeline.pretrain_iterator: augment.pretrain_view with "
     "config.augment, shuffled with config.seed) applied to the analysis split, then the device-side blur (and colour "
     "with augment.on_device) of the train step; projections from the network with BatchNorm in inference mode"
 )
-
-
-@functools.cache
-def _init_fn(model, image_size: int, selection: tuple[tuple[str, str], ...]):
-    """Jitted init returning only the `selection` modules: XLA prunes the rest (cheap to compile), and
-    it runs on one device (the caller replicates), which compiles far faster than a sharded init."""
-
-    def init(key):
-        variables = model.init(key, jnp.zeros((2, image_size, image_size, 3), jnp.float32), train=False)
-        fresh: dict = {}
-        for collection, module in selection:
-            fresh.setdefault(collection, {})[module] = variables[collection][module]
-        return fresh
-
-    return jax.jit(init)
-
-
-def _abstract_variables(config: ml_collections.ConfigDict, model) -> dict:
-    """{'params', 'batch_stats'} of the network as shapes (`jax.eval_shape`: nothing runs)."""
-    size = config.data.image_size
-    abstract = jax.eval_shape(
-        lambda k: model.init(k, jnp.zeros((2, size, size, 3), jnp.float32), train=False), jax.random.PRNGKey(0)
-    )
-    return {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
-
-
-def initial_variables(
-    config: ml_collections.ConfigDict, model, source: restore.PretrainedSource, mesh: jax.sharding.Mesh
-) -> tuple[dict, dict[str, Any]]:
-    """The evaluation network's starting variables, replicated over the mesh, and the restore report.
-
-    The modules that `restore.RESTORED_MODULES` lists come from the checkpoint; the others
-    (the classifier `head`; everything for a random-init baseline without checkpoint) are initialised
-    with `config.seed`.
-    """
-    replicated = parallel.replicated(mesh)
-    abstract = _abstract_variables(config, model)
-    modules = restore.RESTORED_MODULES
-    network = config.pretrained.network
-    pretrained = None
-    if source.step_dir is not None:
-        pretrained = restore.load_network(source, network=network, modules=modules, sharding=replicated)
-    selection = restore.fresh_modules(abstract, pretrained is not None, modules)
-    fresh = {}
-    if selection:
-        fresh = _init_fn(model, config.data.image_size, selection)(factory.init_key(config.seed))
-        fresh = restore.replicate(fresh, replicated)
-    variables, report = restore.merge_pretrained(abstract, fresh, pretrained, restored_modules=modules)
-    info = {
-        "checkpoint": None if source.step_dir is None else str(source.step_dir),
-        "step": source.step,
-        "network": network,
-        **report,
-        "not_read": restore.not_read(source, report, network),
-    }
-    return variables, info
-
-
-def _has_checkpoint(directory: epath.Path) -> bool:
-    if not directory.is_dir():
-        return False
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-    latest = manager.latest_step()
-    manager.close()
-    return latest is not None
-
-
-def _placeholder_variables(config, model, mesh) -> dict:
-    """Zeros with the network's structure, replicated: a restore target (nothing compiled)."""
-    abstract = _abstract_variables(config, model)
-    return restore.replicate(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract), parallel.replicated(mesh))
-
-
-def _starting_variables(config, model, source, mesh, workdir: epath.Path) -> tuple[dict, dict]:
-    """`initial_variables`, except on resume: then the run's own checkpoint holds everything, so the
-    pretraining checkpoint is not read again (it may be gone) and the report comes from restore.json."""
-    report_path = workdir / RESTORE_FILE
-    if _has_checkpoint(workdir / "checkpoints") and report_path.exists():
-        return _placeholder_variables(config, model, mesh), json.loads(report_path.read_text())
-    variables, report = initial_variables(config, model, source, mesh)
-    if jax.process_index() == 0:
-        checkpoints.write_json_atomic(report_path, report)
-    return variables, report
-
-
-def _print_restore(report: dict) -> None:
-    console.say(
-        f"Pretrained weights: {report['checkpoint'] or 'none (random initialisation)'}"
-        + (f" (step {report['step']}, {report['network']} network)" if report["checkpoint"] else "")
-        + f"; restored {', '.join(report['restored']) or 'nothing'}"
-        + f"; initialised {', '.join(report['initialised']) or 'nothing'}"
-    )
 
 
 def _split_sizes(config: ml_collections.ConfigDict, splits: tuple[str, ...]) -> dict[str, int]:
@@ -159,8 +63,8 @@ def _protocol_summary(protocol: classification.Protocol) -> dict[str, Any]:
 def _run_classifier(config, workdir, source, info, mesh) -> dict[str, Any]:
     kind = config.mode
     model = factory.classifier_model(config, info.num_classes)
-    variables, report = _starting_variables(config, model, source, mesh, workdir)
-    _print_restore(report)
+    variables, report = starting_variables.starting_variables(config, model, source, mesh, workdir)
+    starting_variables.print_restore(report)
     hparams = classification.hparams_from_config(
         config,
         info.num_examples[config.data.train_split],
@@ -184,28 +88,22 @@ def _run_classifier(config, workdir, source, info, mesh) -> dict[str, Any]:
 
 def _encoder_variables(config, source, mesh) -> tuple[Any, dict, dict]:
     model = factory.contrastive_model(config)
-    variables, report = initial_variables(config, model, source, mesh)
-    _print_restore(report)
+    variables, report = starting_variables.initial_variables(config, model, source, mesh)
+    starting_variables.print_restore(report)
     return model, variables, report
 
 
 def _run_knn(config, workdir, source, info, mesh) -> dict[str, Any]:
     model, variables, report = _encoder_variables(config, source, mesh)
     output = "features" if config.knn.features == "encoder" else "projection"
-    bs = config.eval.batch_size
-    train_x, train_y = features.extract(
-        model, variables, config, config.data.train_split, mesh, batch_size=bs, output=output
-    )
-    test_x, test_y = features.extract(
-        model, variables, config, config.data.eval_split, mesh, batch_size=bs, output=output
+    (train_x, train_y), (test_x, test_y) = features.extract_train_and_eval(
+        model, variables, config, mesh, output=output
     )
     scores = knn.knn_evaluate(
         test_x,
         test_y,
-        None,
         train_x,
         train_y,
-        None,
         num_classes=info.num_classes,
         ks=tuple(config.knn.ks),
         temperature=config.knn.temperature,
@@ -334,8 +232,8 @@ def _run_transfer(config, workdir, source, info, mesh) -> dict[str, Any]:
     bn_momentum = transfer_bn_momentum(config, sizes[config.data.train_split])
     model = factory.classifier_model(config, info.num_classes, bn_momentum=bn_momentum)
     protocol = classification.protocol_from_config(config, kind)
-    variables, report = _starting_variables(config, model, source, mesh, workdir)
-    _print_restore(report)
+    variables, report = starting_variables.starting_variables(config, model, source, mesh, workdir)
+    starting_variables.print_restore(report)
 
     def one_run(run_dir: epath.Path, base_lr: float, weight_decay: float, train_split: str, eval_split: str):
         done_file = run_dir / "results.json"

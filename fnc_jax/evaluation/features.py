@@ -106,6 +106,18 @@ def extract(
     return np.concatenate(outs)[keep], np.concatenate(labels)[keep].astype(np.int32)
 
 
+def extract_train_and_eval(
+    model, variables: dict, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, output: str = "features"
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """`extract` of `config.data.train_split` and of `config.data.eval_split` (batches of `eval.batch_size`):
+    what every frozen-feature evaluation (kNN, the linear probe) compares."""
+    bs = config.eval.batch_size
+    return tuple(  # type: ignore[return-value]
+        extract(model, variables, config, split, mesh, batch_size=bs, output=output)
+        for split in (config.data.train_split, config.data.eval_split)
+    )
+
+
 def view_batches(
     config: ml_collections.ConfigDict, *, split: str, num_views: int, batch_size: int
 ) -> Iterator[dict[str, np.ndarray]]:

@@ -194,11 +194,11 @@ def _correct_counter(
 def knn_evaluate(
     test_features: jnp.ndarray,
     test_labels: jnp.ndarray,
-    test_mask: jnp.ndarray | None,
     train_features: jnp.ndarray,
     train_labels: jnp.ndarray,
-    train_mask: jnp.ndarray | None,
     *,
+    test_mask: jnp.ndarray | None = None,
+    train_mask: jnp.ndarray | None = None,
     num_classes: int,
     ks: Sequence[int] = DEFAULT_KS,
     temperature: float = DEFAULT_TEMPERATURE,

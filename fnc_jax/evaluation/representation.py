@@ -54,16 +54,12 @@ def linear_probe_accuracy(
 
 def evaluate_encoder(model, variables: dict, config, mesh, num_classes: int) -> dict[str, float]:
     """kNN and linear-probe accuracy of `model`'s pooled features (eval split against train split)."""
-    bs = config.eval.batch_size
-    train_x, train_y = features.extract(model, variables, config, config.data.train_split, mesh, batch_size=bs)
-    test_x, test_y = features.extract(model, variables, config, config.data.eval_split, mesh, batch_size=bs)
+    (train_x, train_y), (test_x, test_y) = features.extract_train_and_eval(model, variables, config, mesh)
     scores = knn.knn_evaluate(
         test_x,
         test_y,
-        None,
         train_x,
         train_y,
-        None,
         num_classes=num_classes,
         ks=tuple(config.eval.knn_ks),
         temperature=config.eval.knn_temperature,

@@ -53,11 +53,15 @@ def positive(x) -> bool:
 
 @pytest.mark.slow
 def test_step_benchmark_quick():
-    r = run_benchmark("step")
+    r = run_benchmark("step", "--objectives", "dcl,hcl")
     assert r["benchmark"] == "step" and r["quick"] is True
     check_machine(r["machine"])
     assert r["machine"]["jax_version"] and r["machine"]["num_devices_in_process"] >= r["shapes"]["devices"]
-    assert set(r["variants"]) == STEP_VARIANTS
+    assert set(r["variants"]) == STEP_VARIANTS | {"dcl_in_batch", "hcl_in_batch"}
+    assert r["variants"]["hcl_in_batch"]["objective"] == "hcl" and r["variants"]["dcl_in_batch"]["fn_mode"] == "none"
+    assert positive(r["ratios"]["step_time_dcl_in_batch_over_baseline"])
+    for when in ("before", "after"):
+        assert positive(r["calibration"][when]["matmul_gflops_per_s"])
     for name, v in r["variants"].items():
         assert positive(v["images_per_s"]) and positive(v["views_per_s"]), name
         assert v["views_per_s"] == pytest.approx(v["images_per_s"] * v["views"])
@@ -70,7 +74,7 @@ def test_step_benchmark_quick():
 
     b = r["breakdown"]
     assert "method" in b and b["descriptions"]
-    for name in STEP_VARIANTS:
+    for name in r["variants"]:
         e = b[name]
         assert set(e["shares"]) == PARTS
         assert sum(e["shares"].values()) == pytest.approx(1.0, abs=1e-6)

@@ -27,7 +27,7 @@ import tensorflow_datasets as tfds
 
 from fnc_jax import checkpoints, evaluate, optim, parallel, pretrain, step
 from fnc_jax.data import sources
-from fnc_jax.evaluation import classification, features, representation, restore
+from fnc_jax.evaluation import classification, features, representation, restore, starting_variables
 from fnc_jax.models import factory
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -209,7 +209,7 @@ def test_restore_rules_per_mode(pretrained, tiny_data):
     c = eval_config("default_linear_eval", pretrained, tiny_data)
     source = restore.find_checkpoint(c.pretrained)
     model = factory.classifier_model(c, 10)
-    variables, report = evaluate.initial_variables(c, model, source, mesh)
+    variables, report = starting_variables.initial_variables(c, model, source, mesh)
     assert report["restored"] == ["params/encoder", "batch_stats/encoder"]
     assert report["initialised"] == ["params/head"]
     for name in (
@@ -234,7 +234,7 @@ def test_restore_rules_per_mode(pretrained, tiny_data):
 
     # Fine-tuning: encoder and projection head (parameters and statistics), a zero head.
     c = eval_config("default_finetune", pretrained, tiny_data)
-    variables, report = evaluate.initial_variables(c, factory.classifier_model(c, 10), source, mesh)
+    variables, report = starting_variables.initial_variables(c, factory.classifier_model(c, 10), source, mesh)
     assert report["restored"] == [
         "params/encoder",
         "params/projection_head",
@@ -248,7 +248,7 @@ def test_restore_rules_per_mode(pretrained, tiny_data):
 
     # The EMA network of a memory-mode run, on request.
     c.pretrained.network = "ema"
-    variables, report = evaluate.initial_variables(c, factory.classifier_model(c, 10), source, mesh)
+    variables, report = starting_variables.initial_variables(c, factory.classifier_model(c, 10), source, mesh)
     assert same(variables["params"]["encoder"], ckpt["ema_params"]["encoder"])
     assert not same(variables["params"]["encoder"], ckpt["params"]["encoder"])
     assert "params" in report["not_read"] and "ema_params" not in report["not_read"]
@@ -257,7 +257,7 @@ def test_restore_rules_per_mode(pretrained, tiny_data):
 def test_random_init_baseline_restores_nothing(pretrained, tiny_data):
     c = eval_config("default_finetune", pretrained, tiny_data)
     c.pretrained.workdir, c.pretrained.allow_random_init = "", True
-    variables, report = evaluate.initial_variables(
+    variables, report = starting_variables.initial_variables(
         c, factory.classifier_model(c, 10), restore.PretrainedSource(None, None, None), parallel.create_mesh()
     )
     assert report["restored"] == [] and "params/encoder" in report["initialised"] and report["checkpoint"] is None
@@ -368,7 +368,7 @@ def test_finetune_starts_from_projection_layer0(pretrained, tiny_data):
     mesh = parallel.create_mesh()
     source = restore.find_checkpoint(c.pretrained)
     model = factory.classifier_model(c, 10)
-    variables, _ = evaluate.initial_variables(c, model, source, mesh)
+    variables, _ = starting_variables.initial_variables(c, model, source, mesh)
     images = sources._mnist_split("test")[0][:4].astype(np.float32) / 255.0
     head_input = _head_input(model, variables, images)
     ckpt = pretrained.state
@@ -435,7 +435,7 @@ def test_knn_matches_brute_force(pretrained, tiny_data, tmp_path):
 
     mesh = parallel.create_mesh()
     model = factory.contrastive_model(c)
-    variables, _ = evaluate.initial_variables(c, model, restore.find_checkpoint(c.pretrained), mesh)
+    variables, _ = starting_variables.initial_variables(c, model, restore.find_checkpoint(c.pretrained), mesh)
     train_x, train_y = features.extract(model, variables, c, "train", mesh, batch_size=64)
     test_x, test_y = features.extract(model, variables, c, "test", mesh, batch_size=64)
     # The extracted features are the checkpoint network's pooled features of the eval-preprocessed digits.

@@ -86,10 +86,8 @@ def test_k_larger_than_train_is_clamped(data):
     metrics = knn.knn_evaluate(
         test_x,
         test_y,
-        None,
         small_x,
         small_y,
-        None,
         num_classes=NUM_CLASSES,
         ks=(200,),
         mesh=mesh,
@@ -103,9 +101,9 @@ def test_evaluate_sharded_equals_single_device_and_bruteforce(data):
     train_x, train_y, test_x, test_y = data
     assert len(jax.devices()) == 8 and len(train_x) % 8 and len(test_x) % 16  # padding exercised
     kwargs = dict(num_classes=NUM_CLASSES, ks=(1, 5, 20), batch_size=16, train_chunk_size=16)
-    single = knn.knn_evaluate(test_x, test_y, None, train_x, train_y, None, **kwargs)
+    single = knn.knn_evaluate(test_x, test_y, train_x, train_y, **kwargs)
     mesh = Mesh(np.array(jax.devices()).reshape(8), ("data",))
-    sharded = knn.knn_evaluate(test_x, test_y, None, train_x, train_y, None, mesh=mesh, **kwargs)
+    sharded = knn.knn_evaluate(test_x, test_y, train_x, train_y, mesh=mesh, **kwargs)
     assert sharded == single
     want = {}
     for k in (1, 5, 20):
@@ -140,10 +138,10 @@ def test_masked_rows_are_ignored(data):
     padded = knn.knn_evaluate(
         padded_test_x,
         padded_test_y,
-        test_mask,
         padded_train_x,
         padded_train_y,
-        train_mask,
+        test_mask=test_mask,
+        train_mask=train_mask,
         num_classes=NUM_CLASSES,
         ks=(10,),
         mesh=mesh,
