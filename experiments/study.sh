@@ -9,9 +9,10 @@ OUT=${OUT:-experiments/study}
 PY=${PYTHON:-.venv/bin/python}
 study() { "$PY" -m fnc_jax.study --out="$OUT" --seeds=0,1,2 "$@" || echo "study: a run of $* failed (recorded; going on)"; }
 study --grid=all --methods=multiview,simclr_2view,fnc_attraction,fnc_elimination,attraction_oracle,elimination_oracle
+study --grid=precision
 study --grid=schedule
 study --grid=debiased
-study --grid=fnc
 study --grid=threshold
+study --grid=fnc
 study --grid=long
 "$PY" -m fnc_jax.study --grid=all --out="$OUT" --report-only
