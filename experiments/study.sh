@@ -2,7 +2,7 @@
 # The embedded-dataset study (python -m fnc_jax.study), grid by grid in priority order, 3 paired seeds.
 # Rerun the same command to resume: finished runs are skipped, half-finished ones resume from their
 # checkpoints. Results: $OUT/results.md, $OUT/study.json and the PNGs (rewritten after every grid).
-# On the 2-core development VM a run takes 3-6 minutes (the long recipe 4x that); all of it ~6 hours.
+# On the 2-core development VM a run takes 3-6 minutes (the long recipe 3x that); all of it about 5-6 hours.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-experiments/study}
