@@ -15,9 +15,10 @@ from fnc_jax.objectives.fn_config import FNConfig, FNSchedule
 from fnc_jax.objectives.layout import (
     check_temperature,
     device_index_and_count,
-    gather_samples,
     global_mean,
+    in_batch_layout,
     own_columns,
+    per_view,
     prepare_embeddings,
 )
 from fnc_jax.objectives.selection import false_negative_mask, fn_metrics, schedule_metrics
@@ -57,13 +58,7 @@ def _view_losses(
         target_mean = jnp.sum(jnp.where(targets, logits, 0.0), axis=1) / jnp.sum(targets, axis=1)
         return jnp.mean(lse - target_mean)
 
-    views = jnp.arange(num_views)
-    if not low_memory:
-        return jax.vmap(view_loss)(views, anchors)
-    # Rematerialised scan: each view's (B, C) block is recomputed in the backward pass instead of
-    # all V blocks being stored, so peak memory grows like B*C, not V*B*C.
-    _, losses = jax.lax.scan(lambda carry, x: (carry, jax.checkpoint(view_loss)(*x)), None, (views, anchors))
-    return losses
+    return per_view(view_loss, anchors, low_memory)
 
 
 def _objective(
@@ -159,29 +154,19 @@ def fnc_loss(
       also `fn_topk` and `fn_threshold`, the selection in force.
     """
     check_temperature(temperature)
-    z = prepare_embeddings(embeddings, hidden_norm)
-    num_views, batch, dim = z.shape
-    device, num_devices = device_index_and_count(axis_name)
-    num_samples = batch * num_devices
-    gathered = gather_samples(z, axis_name, axis=1)  # (V, N, d), global view-major
-    candidate_labels = None
-    if labels is not None:
-        labels = labels.astype(jnp.int32)
-        candidate_labels = gather_samples(labels, axis_name, axis=0)
-    anchor_views = num_views if fn.support_as_positives else 2
-    candidates = gathered[:anchor_views].reshape(anchor_views * num_samples, dim)
+    layout = in_batch_layout(embeddings, hidden_norm, axis_name, labels, fn.support_as_positives)
     return _objective(
-        z[:anchor_views],
-        candidates,
-        z,
-        candidates,
-        num_samples=num_samples,
-        num_blocks=anchor_views,
-        sample_offset=device * batch,
+        layout.anchors,
+        layout.candidates,
+        layout.z,
+        layout.candidates,
+        num_samples=layout.num_samples,
+        num_blocks=layout.anchors.shape[0],
+        sample_offset=layout.sample_offset,
         temperature=temperature,
         fn=fn,
-        labels=labels,
-        candidate_labels=None if labels is None else jnp.tile(candidate_labels, anchor_views),
+        labels=layout.labels,
+        candidate_labels=layout.candidate_labels,
         axis_name=axis_name,
         low_memory=low_memory,
         schedule=schedule,
