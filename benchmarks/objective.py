@@ -2,9 +2,16 @@
 
 Usage (from the repository root):
 
-    python -m benchmarks.objective [--quick] [--devices N] [--output FILE]
+    python -m benchmarks.objective [--quick] [--matmul-bound-only] [--devices N] [--output FILE]
 
 Prints ONE JSON object to stdout (progress goes to stderr). Sections:
+
+- `matmul_bound`: per N x V shape (256x10, 512x10, 1024x10; one device), the official default's loss +
+  gradient for both `low_memory` values against its matmul-bound time: `bound_passes` (4 for the default,
+  3 for the fast path) times one pass's FLOPs (2*V*B*C*d) at the machine's float32 matmul rate
+  (`benchmarks.common.matmul_rate()`, measured before and after in the same run); `over_bound` is the
+  measured time over that, next to the achieved GFLOP/s and the compiled peak temporary memory.
+  `--matmul-bound-only` runs only this section.
 
 - `timing`: wall time of the jitted `jax.value_and_grad` of the loss on this machine's CPU (compile and a
   warm-up call excluded, median of several repeats, `block_until_ready`), for FNC attraction (the official
@@ -66,6 +73,8 @@ DEBIASED_MODES = {
     "hcl_elimination": ("hcl", "elimination"),
 }
 TAU_PLUS, BETA = 0.1, 1.0
+# (N, V) shapes of the matmul-bound comparison (issue 15), one device.
+BOUND_SHAPES = [(256, 10), (512, 10), (1024, 10)]
 
 
 def log(*args: Any) -> None:
@@ -369,6 +378,67 @@ def timing_ratios(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Against the matmul-bound limit.
+
+# Matmul passes over the (V*B) x C similarities that loss + gradient cannot do without: the default
+# (low_memory=True) recomputes the blocks in the backward (scores+logits, recompute, d(anchors),
+# d(candidates)); the fast path stores them (scores+logits, d(anchors), d(candidates)).
+BOUND_PASSES = {True: 4, False: 3}
+
+
+def matmul_bound(shapes, dim: int, repeats: int, max_run_bytes: float) -> dict[str, Any]:
+    """Per (N, V) shape on one device, FNC's official default loss + gradient for both low_memory values:
+    time over the matmul-bound time (passes * flops_per_pass / the machine's matmul rate, measured before
+    and after in the same run), achieved GFLOP/s and the compiled peak temporary bytes."""
+    from benchmarks.common import matmul_rate
+
+    rates = [matmul_rate()]
+    log(f"matmul rate before: {rates[0]['matmul_gflops_per_s']} GFLOP/s")
+    entries = []
+    for global_batch, views in shapes:
+        configs = [("in_batch", "attraction", low, 1, global_batch) for low in (True, False)]
+        entries += time_group(configs, views, dim, 0, repeats, max_run_bytes)
+    rates.append(matmul_rate())
+    log(f"matmul rate after: {rates[1]['matmul_gflops_per_s']} GFLOP/s")
+    rate = statistics.mean(r["matmul_gflops_per_s"] for r in rates) * 1e9
+    rows = []
+    for e in entries:
+        passes = BOUND_PASSES[e["low_memory"]]
+        row = {
+            "global_batch_N": e["global_batch_N"],
+            "views_V": e["views_V"],
+            "low_memory": e["low_memory"],
+            "bound_passes": passes,
+            "flops_per_pass": e["flops_per_pass"],
+            "temp_mib": e["compiled_per_device"].get("temp_bytes", float("nan")) / 2**20,
+        }
+        if "median_s" in e:
+            bound_s = passes * e["flops_per_pass"] / rate
+            row.update(
+                median_ms=e["median_s"] * 1e3,
+                bound_ms=bound_s * 1e3,
+                over_bound=e["median_s"] / bound_s,
+                achieved_gflops_per_s=passes * e["flops_per_pass"] / e["median_s"] / 1e9,
+            )
+            log(
+                f"  N={row['global_batch_N']} V={row['views_V']} low_memory={e['low_memory']!s:5s}: "
+                f"{row['median_ms']:8.1f} ms = {row['over_bound']:.2f}x its {passes}-pass bound "
+                f"({row['achieved_gflops_per_s']:.0f} GFLOP/s), temp {row['temp_mib']:.1f} MiB"
+            )
+        else:
+            row["skipped"] = e["skipped"]
+        rows.append(row)
+    return {
+        "meaning": "over_bound = median time / (bound_passes * flops_per_pass / matmul rate); "
+        "achieved_gflops_per_s counts the bound's passes; one device, FNConfig() (official default)",
+        "matmul_rate": rates,
+        "matmul_gflops_per_s_used": rate / 1e9,
+        "rows": rows,
+        "entries": entries,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
 # Memory (compile only).
 
 
@@ -504,7 +574,15 @@ def plans(quick: bool, devices: int) -> dict[str, Any]:
                 {"variant": "in_batch", "mode": "attraction", "low_memory": lo} for lo in (True, False)
             ]
         }
-        return {"views": views, "dim": dim, "memory_multiplier": m, "timing": timing, "repeats": 3, "memory": memory}
+        return {
+            "views": views,
+            "dim": dim,
+            "memory_multiplier": m,
+            "timing": timing,
+            "repeats": 3,
+            "memory": memory,
+            "bound_shapes": [(64, 10)],
+        }
     timing = []
     for n in (256, 1024):
         for variant in ("in_batch", "memory"):
@@ -521,7 +599,15 @@ def plans(quick: bool, devices: int) -> dict[str, Any]:
     points += [{"variant": v, "mode": "none", "low_memory": True} for v in ("in_batch", "memory")]
     points += [{"variant": "in_batch", "mode": mode, "low_memory": True} for mode in DEBIASED_MODES]
     memory = {r: points for r in (1, 8, 32, 128)}
-    return {"views": views, "dim": dim, "memory_multiplier": m, "timing": timing, "repeats": 5, "memory": memory}
+    return {
+        "views": views,
+        "dim": dim,
+        "memory_multiplier": m,
+        "timing": timing,
+        "repeats": 5,
+        "memory": memory,
+        "bound_shapes": BOUND_SHAPES,
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -556,6 +642,11 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=4 * 2**30,
         help="skip timing a configuration whose compiled bytes over all devices exceed this",
+    )
+    parser.add_argument(
+        "--matmul-bound-only",
+        action="store_true",
+        help="only the comparison with the matmul-bound time (N x V = 256x10, 512x10, 1024x10, one device)",
     )
     parser.add_argument("--output", help="also write the JSON to this file")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)  # internal: JSON spec, one device count
@@ -593,6 +684,10 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     views, dim, mm = plan["views"], plan["dim"], plan["memory_multiplier"]
+    log("against the matmul-bound time")
+    result["matmul_bound"] = matmul_bound(plan["bound_shapes"], dim, plan["repeats"], args.max_run_bytes)
+    if args.matmul_bound_only:
+        return _finish(result, start, args.output)
     log(f"timing ({len(plan['timing'])} configurations, {plan['repeats']} interleaved repeats)")
     groups: dict[tuple, list] = {}
     for config in plan["timing"]:  # side by side per (variant, devices, N)
@@ -618,10 +713,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             memory += memory_points_subprocess(spec, timeout=900)
     result["memory"] = {"entries": memory, "scaling": memory_scaling(memory)}
+    return _finish(result, start, args.output)
+
+
+def _finish(result: dict[str, Any], start: float, output: str | None) -> int:
     result["elapsed_s"] = time.perf_counter() - start
     text = json.dumps(result, indent=1)
-    if args.output:
-        with open(args.output, "w") as f:
+    if output:
+        with open(output, "w") as f:
             f.write(text + "\n")
     print(text)
     return 0
