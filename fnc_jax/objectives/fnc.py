@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fnc_jax.objectives.denominator import blocks_lse, own_values, scan_lse, similarity_blocks
 from fnc_jax.objectives.fn_config import FNConfig, FNSchedule
 from fnc_jax.objectives.layout import (
     check_temperature,
@@ -18,47 +19,43 @@ from fnc_jax.objectives.layout import (
     global_mean,
     in_batch_layout,
     own_columns,
-    per_view,
     prepare_embeddings,
 )
-from fnc_jax.objectives.selection import false_negative_mask, fn_metrics, schedule_metrics
+from fnc_jax.objectives.selection import Selection, false_negatives, fn_metrics, schedule_metrics
 
 Array = jax.Array
 
 
-def _view_losses(
+def _target_sums(
     anchors: Array,
     candidates: Array,
-    fn_mask: Array,
-    *,
+    own_values: Array,
+    selection: Selection | None,
     num_samples: int,
-    global_ids: Array,
-    temperature: float,
-    mode: str,
-    low_memory: bool,
-) -> Array:
-    """(Va,) per-anchor-view mean over samples of L_a(i) (docs/method.md §3, §5)."""
-    num_views, batch = anchors.shape[:2]
-    num_columns = candidates.shape[0]
-    col = jnp.arange(num_columns)
-    own = own_columns(num_columns, num_samples, num_views, global_ids)
-    col_view = col // num_samples
+    sample_offset: Array | int,
+) -> tuple[Array, Array]:
+    """(Va, B) sums of the raw similarities over each anchor's targets, and the (B,) target counts.
 
-    def view_loss(a: Array, z_a: Array) -> Array:
-        logits = (z_a @ candidates.T) / temperature  # (B, C)
-        is_self = own & (col_view == a)[None, :]
-        positives = own & ~is_self
-        in_denominator = ~is_self
-        targets = positives
-        if mode == "attraction":
-            targets = positives | fn_mask
-        elif mode == "elimination":
-            in_denominator &= ~fn_mask
-        lse = jax.nn.logsumexp(jnp.where(in_denominator, logits, -jnp.inf), axis=1)
-        target_mean = jnp.sum(jnp.where(targets, logits, 0.0), axis=1) / jnp.sum(targets, axis=1)
-        return jnp.mean(lse - target_mean)
-
-    return per_view(view_loss, anchors, low_memory)
+    The targets are the anchor image's other views (columns v * N + g, v < Va, v != a) and, with a
+    selection (attraction), its false negatives; both are gathered rows, so this is O(Va * B * (Va + k) * d)
+    and its gradient (left to autodiff) a scatter, never a (B, C) block. The own views' values are the
+    denominator blocks' `own_values` (so a row whose denominator is its targets has loss exactly 0), their
+    gradient that of the gathered rows.
+    """
+    num_views, batch, dim = anchors.shape
+    own = jax.lax.dynamic_slice_in_dim(candidates.reshape(-1, num_samples, dim)[:num_views], sample_offset, batch, 1)
+    pairs = jnp.einsum("abd,vbd->abv", anchors, own)  # (Va, B, Va): anchor view a against own view v
+    pairs += jax.lax.stop_gradient(own_values - pairs)
+    sums = jnp.sum(jnp.where(jnp.eye(num_views, dtype=bool)[:, None, :], 0.0, pairs), axis=2)
+    counts = jnp.full((batch,), num_views - 1, jnp.float32)
+    if selection is None:
+        return sums, counts
+    if selection.top is not None:
+        false_negatives = jnp.einsum("bk,bkd->bd", selection.keep.astype(jnp.float32), candidates[selection.top])
+    else:
+        false_negatives = selection.mask.astype(jnp.float32) @ candidates
+    sums += jnp.einsum("abd,bd->ab", anchors, false_negatives)
+    return sums, counts + selection.counts().astype(jnp.float32)
 
 
 def _objective(
@@ -78,39 +75,70 @@ def _objective(
     low_memory: bool,
     schedule: FNSchedule | None,
     step: Array | int,
+    scores_are_anchors: bool,
+    grad_candidates: bool,
 ) -> tuple[Array, dict[str, Array]]:
-    """Shared core of the in-batch and memory losses, on already normalised float32 features."""
+    """Shared core of the in-batch and memory losses, on already normalised float32 features.
+
+    L_a(i) = LSE_{D(i)}(l) - mean_{T(i)}(l) (docs/method.md §3, §5): the denominator comes from
+    `denominator` (hand-written VJP, block by block), the target mean from `_target_sums`.
+    `scores_are_anchors`: the false-negative queries are the anchors themselves (and the score
+    candidates the candidates), so with every view scoring, the scores are the loss's own similarities.
+    """
     num_views, batch = anchors.shape[:2]
     global_ids = sample_offset + jnp.arange(batch)
     own = own_columns(candidates.shape[0], num_samples, num_views, global_ids)
-    if fn.mode == "none":
-        fn_mask = jnp.zeros_like(own)
-    else:
-        fn_mask = false_negative_mask(
-            score_queries,
-            score_candidates,
-            fn=fn,
-            num_samples=num_samples,
-            sample_offset=sample_offset,
-            labels=labels,
-            candidate_labels=candidate_labels,
-            low_memory=low_memory,
-            schedule=schedule,
-            step=step,
-        )
-    losses = _view_losses(
-        anchors,
-        candidates,
-        fn_mask,
-        num_samples=num_samples,
-        global_ids=global_ids,
-        temperature=temperature,
-        mode=fn.mode,
-        low_memory=low_memory,
+    # The official defaults score with the anchors' own cosines: take them from the loss's blocks. View by
+    # view (low_memory) only in attraction: elimination needs the mask before its denominator.
+    reuse = (
+        scores_are_anchors
+        and fn.mode != "none"
+        and fn.selection != "oracle"
+        and fn.support_set == "all_views"
+        and (fn.mode == "attraction" or not low_memory)
     )
+    selection_args = dict(
+        fn=fn,
+        num_samples=num_samples,
+        sample_offset=sample_offset,
+        labels=labels,
+        candidate_labels=candidate_labels,
+        low_memory=low_memory,
+        schedule=schedule,
+        step=step,
+    )
+    lse_args = dict(num_samples=num_samples, global_ids=global_ids)
+    selection = None
+    if low_memory and reuse:
+        lse, own_s, scores = scan_lse(
+            anchors, candidates, temperature, aggregation=fn.aggregation, grad_candidates=grad_candidates, **lse_args
+        )
+        selection = false_negatives(anchors, candidates, scores=scores, **selection_args)
+    elif low_memory:
+        if fn.mode != "none":
+            selection = false_negatives(score_queries, score_candidates, **selection_args)
+        drop = selection.mask if fn.mode == "elimination" else None
+        lse, own_s, _ = scan_lse(
+            anchors, candidates, temperature, drop=drop, grad_candidates=grad_candidates, **lse_args
+        )
+    else:
+        s = similarity_blocks(anchors, candidates)
+        if reuse:
+            scores = jax.lax.stop_gradient(jnp.max(s, axis=0) if fn.aggregation == "max" else jnp.mean(s, axis=0))
+            selection = false_negatives(anchors, candidates, scores=scores, **selection_args)
+        elif fn.mode != "none":
+            selection = false_negatives(score_queries, score_candidates, **selection_args)
+        drop = selection.mask if fn.mode == "elimination" else None
+        lse = blocks_lse(s, temperature, drop=drop, **lse_args)
+        own_s = own_values(s, global_ids, num_samples)
+    sums, counts = _target_sums(
+        anchors, candidates, own_s, selection if fn.mode == "attraction" else None, num_samples, sample_offset
+    )
+    losses = jnp.mean(lse - sums / (temperature * counts[None, :]), axis=1)
     # Sum of the per-view means, scaled by 2/V: SimCLR's two-direction sum at V = 2 (docs/method.md §3).
     loss = global_mean(jnp.sum(losses) * (2.0 / num_views), axis_name)
-    aux = fn_metrics(fn_mask, own, labels, candidate_labels, axis_name) | schedule_metrics(schedule, step, fn)
+    fn_mask, num_fn = (jnp.zeros_like(own), None) if selection is None else (selection.mask, selection.counts())
+    aux = fn_metrics(fn_mask, own, labels, candidate_labels, axis_name, num_fn) | schedule_metrics(schedule, step, fn)
     aux["fn_mask"] = fn_mask.reshape(batch, num_blocks, num_samples)
     return loss, aux
 
@@ -171,6 +199,8 @@ def fnc_loss(
         low_memory=low_memory,
         schedule=schedule,
         step=step,
+        scores_are_anchors=fn.support_as_positives,
+        grad_candidates=True,
     )
 
 
@@ -261,4 +291,6 @@ def fnc_memory_loss(
         low_memory=low_memory,
         schedule=schedule,
         step=step,
+        scores_are_anchors=False,
+        grad_candidates=False,
     )
