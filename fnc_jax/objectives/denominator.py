@@ -20,6 +20,7 @@ Two layouts, one maths:
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -33,6 +34,13 @@ class _Static(NamedTuple):
     aggregation: str | None  # None, "max" or "mean": also return the aggregated raw similarities
     grad_candidates: bool  # False: the candidates are constants (the memory queue)
     grad_temperature: bool  # the temperature is traced and needs its cotangent
+    store_blocks: bool  # keep every view's (B, C) block for the backward instead of recomputing it
+    positive_shift: bool  # shift the log-sum-exp by the positives' largest logit (see _row_lse)
+
+
+# exp(x) overflows float32 above x = 88.7; the shift by a positive keeps every term below
+# exp(2 / t) with unit-norm features, so the C terms sum below exp(2 / t + ln C): kept under this.
+_MAX_LOG_TERM = 80.0
 
 
 def _similarities(anchor: Array, candidates: Array) -> Array:
@@ -50,22 +58,29 @@ def _logits(s, view, global_ids, drop, temperature, num_samples) -> Array:
     return jnp.where(_left_out(s.shape, view, global_ids, drop, num_samples), -jnp.inf, s / temperature)
 
 
-def _row_lse(s, view, global_ids, drop, temperature, num_samples) -> Array:
-    """(B,) log-sum-exp of the logits, reading the similarities twice and writing no (B, C) logits.
-
-    The row maximum is taken on the raw similarities and divided after: dividing by t > 0 is monotone in
-    floating point too, so it is bitwise the maximum of the logits. The denominator always holds the
-    positives, so the maximum is finite.
-    """
-    left_out = _left_out(s.shape, view, global_ids, drop, num_samples)
-    m = jnp.max(jnp.where(left_out, -jnp.inf, s), axis=1) / temperature
-    return m + jnp.log(jnp.sum(jnp.exp(_logits(s, view, global_ids, drop, temperature, num_samples) - m[:, None]), 1))
-
-
 def _own_values(s: Array, global_ids: Array, num_views: int, num_samples: int) -> Array:
     """(B, Va) the block's similarities at the anchor image's own columns v * N + g (stop-gradient)."""
     columns = jnp.arange(num_views)[None, :] * num_samples + global_ids[:, None]
     return jax.lax.stop_gradient(jnp.take_along_axis(s, columns, axis=1))
+
+
+def _row_lse(s, own, view, global_ids, drop, temperature, static: _Static) -> Array:
+    """(B,) log-sum-exp of the logits of one view's block.
+
+    The shift m must keep exp(l - m) finite. With `positive_shift` (unit-norm features, a static
+    temperature with 2 / t + ln C < 80) it is the largest positive logit (the own views other than self,
+    always in the denominator): every l - m <= 2 / t, one term is exp(0), and no extra (B, C) pass is
+    needed. Otherwise it is the row maximum, one more pass (taken on the raw similarities and divided
+    after: dividing by t > 0 is monotone in floating point too, so it is bitwise the logits' maximum).
+    """
+    if static.positive_shift:
+        is_self = jnp.arange(own.shape[1])[None, :] == view
+        m = jnp.max(jnp.where(is_self, -jnp.inf, own), axis=1) / temperature
+    else:
+        left_out = _left_out(s.shape, view, global_ids, drop, static.num_samples)
+        m = jnp.max(jnp.where(left_out, -jnp.inf, s), axis=1) / temperature
+    terms = jnp.exp(_logits(s, view, global_ids, drop, temperature, static.num_samples) - m[:, None])
+    return m + jnp.log(jnp.sum(terms, axis=1))
 
 
 def _aggregate(acc: Array, s: Array, aggregation: str) -> Array:
@@ -89,20 +104,18 @@ def _temperature_cotangent(ds_s: Array | None, temperature: Array, static: _Stat
     return -ds_s / temperature if static.grad_temperature else jnp.zeros_like(temperature)
 
 
-# ----------------------------------------------------------------------------------------------
-# low_memory=True: a scan over the anchor views, the blocks recomputed in the backward.
-
-
-def _scan_forward(static: _Static, anchors, candidates, temperature, global_ids, drop):
+def _forward(static: _Static, anchors, candidates, temperature, global_ids, drop):
+    """(lse (Va, B), own (Va, B, Va), scores (B, C) or None, blocks (Va, B, C) or None), view by view."""
     num_views = anchors.shape[0]
     views = jnp.arange(num_views)
 
     def body(acc, x):
         view, anchor = x
         s = _similarities(anchor, candidates)
-        lse = _row_lse(s, view, global_ids, drop, temperature, static.num_samples)
-        out = (lse, _own_values(s, global_ids, num_views, static.num_samples))
-        return (None if static.aggregation is None else _aggregate(acc, s, static.aggregation)), out
+        own = _own_values(s, global_ids, num_views, static.num_samples)
+        lse = _row_lse(s, own, view, global_ids, drop, temperature, static)
+        acc = None if static.aggregation is None else _aggregate(acc, s, static.aggregation)
+        return acc, (lse, own, s if static.store_blocks else None)
 
     init = None
     if static.aggregation is not None:
@@ -111,27 +124,28 @@ def _scan_forward(static: _Static, anchors, candidates, temperature, global_ids,
         zero = jax.lax.stop_gradient(anchors[0, 0, 0] * 0 + candidates[0, 0] * 0)
         start = -jnp.inf if static.aggregation == "max" else 0.0
         init = jnp.full((anchors.shape[1], candidates.shape[0]), start, jnp.float32) + zero
-    acc, (lse, own) = jax.lax.scan(body, init, (views, anchors))
-    return lse, own, None if acc is None else _finish_aggregate(acc, num_views, static.aggregation)
+    acc, (lse, own, blocks) = jax.lax.scan(body, init, (views, anchors))
+    scores = None if acc is None else _finish_aggregate(acc, num_views, static.aggregation)
+    return lse, own, scores, blocks
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan_lse(static: _Static, anchors, candidates, temperature, global_ids, drop):
-    return _scan_forward(static, anchors, candidates, temperature, global_ids, drop)
+def _denominator(static: _Static, anchors, candidates, temperature, global_ids, drop):
+    return _forward(static, anchors, candidates, temperature, global_ids, drop)[:3]
 
 
-def _scan_lse_fwd(static, anchors, candidates, temperature, global_ids, drop):
-    lse, own, scores = _scan_forward(static, anchors, candidates, temperature, global_ids, drop)
-    return (lse, own, scores), (anchors, candidates, temperature, global_ids, drop, lse)
+def _denominator_fwd(static, anchors, candidates, temperature, global_ids, drop):
+    lse, own, scores, blocks = _forward(static, anchors, candidates, temperature, global_ids, drop)
+    return (lse, own, scores), (anchors, candidates, temperature, global_ids, drop, lse, blocks)
 
 
-def _scan_lse_bwd(static, residuals, cotangents):
-    anchors, candidates, temperature, global_ids, drop, lse = residuals
+def _denominator_bwd(static, residuals, cotangents):
+    anchors, candidates, temperature, global_ids, drop, lse, blocks = residuals
     g = cotangents[0]  # the own values and scores outputs are stop-gradient: their cotangents are ignored
 
     def body(d_cand, x):
-        view, anchor, lse_a, g_a = x
-        s = _similarities(anchor, candidates)
+        view, anchor, lse_a, g_a, s = x
+        s = _similarities(anchor, candidates) if s is None else s
         ds, ds_s = _block_gradient(s, view, global_ids, drop, temperature, lse_a, g_a, static.num_samples)
         if static.grad_candidates:
             d_cand = d_cand + jax.lax.dot_general(ds, anchor, (((0,), (0,)), ((), ())))
@@ -139,17 +153,17 @@ def _scan_lse_bwd(static, residuals, cotangents):
 
     init = jnp.zeros_like(candidates) if static.grad_candidates else None
     views = jnp.arange(anchors.shape[0])
-    d_candidates, (d_anchors, ds_s) = jax.lax.scan(body, init, (views, anchors, lse, g))
+    d_candidates, (d_anchors, ds_s) = jax.lax.scan(body, init, (views, anchors, lse, g, blocks))
     if d_candidates is None:
         d_candidates = jnp.zeros_like(candidates)
     d_temperature = _temperature_cotangent(None if ds_s is None else jnp.sum(ds_s), temperature, static)
     return d_anchors, d_candidates, d_temperature, None, None
 
 
-_scan_lse.defvjp(_scan_lse_fwd, _scan_lse_bwd)
+_denominator.defvjp(_denominator_fwd, _denominator_bwd)
 
 
-def scan_lse(
+def denominator_lse(
     anchors: Array,
     candidates: Array,
     temperature: float | Array,
@@ -159,6 +173,8 @@ def scan_lse(
     drop: Array | None = None,
     aggregation: str | None = None,
     grad_candidates: bool = True,
+    store_blocks: bool = False,
+    unit_norm: bool = False,
 ) -> tuple[Array, Array, Array | None]:
     """(Va, B) log sum_{j != self, not drop} exp(<anchors[a, i], candidates[j]> / t), view by view.
 
@@ -171,70 +187,23 @@ def scan_lse(
       aggregation: None, or "max" / "mean": also return the `(B, C)` max / mean over the anchor views of
         the raw similarities <anchors[a, i], candidates[j]> (stop-gradient), from the same blocks.
       grad_candidates: False when the candidates are constants (skips their gradient's matmul pass).
+      store_blocks: keep the Va blocks for the backward (3 matmul passes, memory Va blocks) instead of
+        recomputing them (4 passes, memory a few blocks).
+      unit_norm: anchors and candidates have norm <= 1 (l2-normalised), which bounds the logits.
 
     Returns:
       `(lse, own, scores)`: own `(Va, B, Va)` are the blocks' similarities at the anchor image's own
       columns v * N + g (stop-gradient), scores None without an aggregation.
     """
-    static = _static(num_samples, aggregation, grad_candidates, temperature)
-    temperature = jnp.asarray(temperature, jnp.float32)
-    return _scan_lse(static, anchors, candidates, temperature, global_ids.astype(jnp.int32), drop)
-
-
-# ----------------------------------------------------------------------------------------------
-# low_memory=False: the (Va, B, C) similarities kept for the backward (matmuls left to autodiff).
-
-
-def similarity_blocks(anchors: Array, candidates: Array) -> Array:
-    """(Va, B, C) raw similarities of every anchor view with every candidate (one batched matmul)."""
-    return jnp.einsum("abd,cd->abc", anchors, candidates, preferred_element_type=jnp.float32)
-
-
-def own_values(s: Array, global_ids: Array, num_samples: int) -> Array:
-    """(Va, B, Va) the stored blocks' similarities at the anchor image's own columns (stop-gradient)."""
-    return jax.vmap(_own_values, in_axes=(0, None, None, None))(s, global_ids, s.shape[0], num_samples)
-
-
-def _blocks_forward(static: _Static, s, temperature, global_ids, drop):
-    views = jnp.arange(s.shape[0])
-    return jax.vmap(_row_lse, in_axes=(0, 0, None, None, None, None))(
-        s, views, global_ids, drop, temperature, static.num_samples
+    static = _Static(
+        num_samples=num_samples,
+        aggregation=aggregation,
+        grad_candidates=grad_candidates,
+        grad_temperature=isinstance(temperature, jax.Array),
+        store_blocks=store_blocks,
+        positive_shift=unit_norm
+        and not isinstance(temperature, jax.Array)
+        and 2.0 / temperature + math.log(candidates.shape[0]) < _MAX_LOG_TERM,
     )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blocks_lse(static: _Static, s, temperature, global_ids, drop):
-    return _blocks_forward(static, s, temperature, global_ids, drop)
-
-
-def _blocks_lse_fwd(static, s, temperature, global_ids, drop):
-    lse = _blocks_forward(static, s, temperature, global_ids, drop)
-    return lse, (s, temperature, global_ids, drop, lse)
-
-
-def _blocks_lse_bwd(static, residuals, g):
-    s, temperature, global_ids, drop, lse = residuals
-    block = jax.vmap(_block_gradient, in_axes=(0, 0, None, None, None, 0, 0, None))
-    ds, ds_s = block(s, jnp.arange(s.shape[0]), global_ids, drop, temperature, lse, g, static.num_samples)
-    return ds, _temperature_cotangent(jnp.sum(ds_s), temperature, static), None, None
-
-
-_blocks_lse.defvjp(_blocks_lse_fwd, _blocks_lse_bwd)
-
-
-def blocks_lse(
-    s: Array,
-    temperature: float | Array,
-    *,
-    num_samples: int,
-    global_ids: Array,
-    drop: Array | None = None,
-) -> Array:
-    """`scan_lse`'s log-sum-exps from the stored `similarity_blocks` s (Va, B, C)."""
-    static = _static(num_samples, None, True, temperature)
     temperature = jnp.asarray(temperature, jnp.float32)
-    return _blocks_lse(static, s, temperature, global_ids.astype(jnp.int32), drop)
-
-
-def _static(num_samples: int, aggregation: str | None, grad_candidates: bool, temperature) -> _Static:
-    return _Static(num_samples, aggregation, grad_candidates, isinstance(temperature, jax.Array))
+    return _denominator(static, anchors, candidates, temperature, global_ids.astype(jnp.int32), drop)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fnc_jax.objectives.denominator import blocks_lse, own_values, scan_lse, similarity_blocks
+from fnc_jax.objectives.denominator import denominator_lse
 from fnc_jax.objectives.fn_config import FNConfig, FNSchedule
 from fnc_jax.objectives.layout import (
     check_temperature,
@@ -77,6 +77,7 @@ def _objective(
     step: Array | int,
     scores_are_anchors: bool,
     grad_candidates: bool,
+    unit_norm: bool,
 ) -> tuple[Array, dict[str, Array]]:
     """Shared core of the in-batch and memory losses, on already normalised float32 features.
 
@@ -84,18 +85,15 @@ def _objective(
     `denominator` (hand-written VJP, block by block), the target mean from `_target_sums`.
     `scores_are_anchors`: the false-negative queries are the anchors themselves (and the score
     candidates the candidates), so with every view scoring, the scores are the loss's own similarities.
+    `unit_norm`: anchors and candidates are l2-normalised (bounds the logits, see `denominator`).
     """
     num_views, batch = anchors.shape[:2]
     global_ids = sample_offset + jnp.arange(batch)
     own = own_columns(candidates.shape[0], num_samples, num_views, global_ids)
-    # The official defaults score with the anchors' own cosines: take them from the loss's blocks. View by
-    # view (low_memory) only in attraction: elimination needs the mask before its denominator.
+    # The official defaults score with the anchors' own cosines: take them from the loss's blocks (in
+    # attraction only: elimination needs the mask before its denominator).
     reuse = (
-        scores_are_anchors
-        and fn.mode != "none"
-        and fn.selection != "oracle"
-        and fn.support_set == "all_views"
-        and (fn.mode == "attraction" or not low_memory)
+        scores_are_anchors and fn.mode == "attraction" and fn.selection != "oracle" and fn.support_set == "all_views"
     )
     selection_args = dict(
         fn=fn,
@@ -107,30 +105,23 @@ def _objective(
         schedule=schedule,
         step=step,
     )
-    lse_args = dict(num_samples=num_samples, global_ids=global_ids)
     selection = None
-    if low_memory and reuse:
-        lse, own_s, scores = scan_lse(
-            anchors, candidates, temperature, aggregation=fn.aggregation, grad_candidates=grad_candidates, **lse_args
-        )
+    if fn.mode != "none" and not reuse:
+        selection = false_negatives(score_queries, score_candidates, **selection_args)
+    lse, own_s, scores = denominator_lse(
+        anchors,
+        candidates,
+        temperature,
+        num_samples=num_samples,
+        global_ids=global_ids,
+        drop=selection.mask if fn.mode == "elimination" else None,
+        aggregation=fn.aggregation if reuse else None,
+        grad_candidates=grad_candidates,
+        store_blocks=not low_memory,
+        unit_norm=unit_norm,
+    )
+    if reuse:
         selection = false_negatives(anchors, candidates, scores=scores, **selection_args)
-    elif low_memory:
-        if fn.mode != "none":
-            selection = false_negatives(score_queries, score_candidates, **selection_args)
-        drop = selection.mask if fn.mode == "elimination" else None
-        lse, own_s, _ = scan_lse(
-            anchors, candidates, temperature, drop=drop, grad_candidates=grad_candidates, **lse_args
-        )
-    else:
-        s = similarity_blocks(anchors, candidates)
-        if reuse:
-            scores = jax.lax.stop_gradient(jnp.max(s, axis=0) if fn.aggregation == "max" else jnp.mean(s, axis=0))
-            selection = false_negatives(anchors, candidates, scores=scores, **selection_args)
-        elif fn.mode != "none":
-            selection = false_negatives(score_queries, score_candidates, **selection_args)
-        drop = selection.mask if fn.mode == "elimination" else None
-        lse = blocks_lse(s, temperature, drop=drop, **lse_args)
-        own_s = own_values(s, global_ids, num_samples)
     sums, counts = _target_sums(
         anchors, candidates, own_s, selection if fn.mode == "attraction" else None, num_samples, sample_offset
     )
@@ -201,6 +192,7 @@ def fnc_loss(
         step=step,
         scores_are_anchors=fn.support_as_positives,
         grad_candidates=True,
+        unit_norm=hidden_norm,
     )
 
 
@@ -293,4 +285,5 @@ def fnc_memory_loss(
         step=step,
         scores_are_anchors=False,
         grad_candidates=False,
+        unit_norm=False,
     )
