@@ -9,9 +9,9 @@ Prints ONE JSON object to stdout (progress goes to stderr). Sections:
 - `matmul_bound`: per N x V shape (256x10, 512x10, 1024x10; one device), the official default's loss +
   gradient for both `low_memory` values against its matmul-bound time: `bound_passes` (4 for the default,
   3 for the fast path) times one pass's FLOPs (2*V*B*C*d) at the machine's float32 matmul rate
-  (`benchmarks.common.matmul_rate()`, measured before and after each shape in the same run); `over_bound`
-  is the fastest call over that at the best rate (`over_bound_median`: median call, mean rate), next to
-  the achieved GFLOP/s and the compiled peak temporary memory.
+  (`benchmarks.common.matmul_rate()`, sampled before every round of calls in the same run, each call
+  paired with the sample before it); `over_bound` is the median of the paired ratios (`over_bound_best`
+  the smallest), next to the achieved GFLOP/s and the compiled peak temporary memory.
   `--matmul-bound-only` runs only this section.
 
 - `timing`: wall time of the jitted `jax.value_and_grad` of the loss on this machine's CPU (compile and a
@@ -102,13 +102,15 @@ def num_columns(variant: str, views: int, global_batch: int, memory_multiplier: 
 
 
 def matmul_passes(variant: str, mode: str, low_memory: bool) -> dict[str, int]:
-    """Similarity-block matmul passes ((V*B) x C x d each) of loss + gradient as `objectives.py` writes them.
+    """Similarity-block matmul passes ((V*B) x C x d each) of loss + gradient as `fnc_jax.objectives` does them.
 
-    FN scoring 1 (not in mode 'none'), logits 1, backward: d(anchors) 1 and, in-batch only, d(candidates) 1
-    (memory rows carry no gradient); the rematerialised scan (low_memory=True) recomputes the logits once more.
+    FN scoring 1 (none in mode 'none', and none for FNC attraction in-batch, the official default, whose
+    scores are taken from the logits' own blocks), logits 1, backward: d(anchors) 1 and, in-batch only,
+    d(candidates) 1 (memory rows carry no gradient); low_memory=True recomputes the blocks once more.
     """
+    reused = mode == "attraction" and variant == "in_batch"
     passes = {
-        "fn_scores": 0 if _fn_mode(mode) == "none" else 1,
+        "fn_scores": 0 if _fn_mode(mode) == "none" or reused else 1,
         "logits_forward": 1,
         "logits_recomputed_in_backward": 1 if low_memory else 0,
         "grad_anchors": 1,
@@ -389,59 +391,69 @@ BOUND_PASSES = {True: 4, False: 3}
 
 def matmul_bound(shapes, dim: int, repeats: int, max_run_bytes: float) -> dict[str, Any]:
     """Per (N, V) shape on one device, FNC's official default loss + gradient for both low_memory values:
-    time over the matmul-bound time (passes * flops_per_pass / the machine's matmul rate, measured before
-    and after in the same run), achieved GFLOP/s and the compiled peak temporary bytes."""
+    time over the matmul-bound time (passes * flops_per_pass / the machine's matmul rate), achieved GFLOP/s
+    and the compiled peak temporary bytes.
+
+    The matmul rate is sampled before every round of calls (`benchmarks.common.matmul_rate`, one product),
+    and each call is compared with the rate just before it: on a shared machine the rate drifts by 2x
+    within a run, so paired ratios (their median and their best) are what stays comparable.
+    """
     from benchmarks.common import matmul_rate
 
-    rates = [matmul_rate()]
-    entries = []
-    for global_batch, views in shapes:
-        configs = [("in_batch", "attraction", low, 1, global_batch) for low in (True, False)]
-        entries += time_group(configs, views, dim, 0, repeats, max_run_bytes)
-        rates.append(matmul_rate())  # after each shape too: other load on a shared machine drifts
-    log(f"matmul rates (before, after each shape): {[r['matmul_gflops_per_s'] for r in rates]} GFLOP/s")
-    # Best against best: the fastest call over the best matmul rate seen, both least disturbed by other
-    # load; the median-based ratio (over the mean rate) is given next to it.
-    rate = max(r["matmul_gflops_per_s"] for r in rates) * 1e9
-    mean_rate = statistics.mean(r["matmul_gflops_per_s"] for r in rates) * 1e9
+    rates: list[dict[str, Any]] = [matmul_rate()]
     rows = []
-    for e in entries:
-        passes = BOUND_PASSES[e["low_memory"]]
-        row = {
-            "global_batch_N": e["global_batch_N"],
-            "views_V": e["views_V"],
-            "low_memory": e["low_memory"],
-            "bound_passes": passes,
-            "flops_per_pass": e["flops_per_pass"],
-            "temp_mib": e["compiled_per_device"].get("temp_bytes", float("nan")) / 2**20,
-        }
-        if "median_s" in e:
-            bound_s = passes * e["flops_per_pass"] / rate
-            row.update(
-                min_ms=e["min_s"] * 1e3,
-                median_ms=e["median_s"] * 1e3,
-                bound_ms=bound_s * 1e3,
-                over_bound=e["min_s"] / bound_s,
-                over_bound_median=e["median_s"] / (passes * e["flops_per_pass"] / mean_rate),
-                achieved_gflops_per_s=passes * e["flops_per_pass"] / e["min_s"] / 1e9,
-            )
-            log(
-                f"  N={row['global_batch_N']} V={row['views_V']} low_memory={e['low_memory']!s:5s}: "
-                f"{row['min_ms']:8.1f} ms = {row['over_bound']:.2f}x its {passes}-pass bound "
-                f"({row['achieved_gflops_per_s']:.0f} GFLOP/s; median {row['over_bound_median']:.2f}x), "
-                f"temp {row['temp_mib']:.1f} MiB"
-            )
-        else:
-            row["skipped"] = e["skipped"]
-        rows.append(row)
+    for global_batch, views in shapes:
+        prepared = [
+            prepare_point("in_batch", "attraction", low, 1, views, global_batch, dim, 0, max_run_bytes)
+            for low in (True, False)
+        ]
+        ratios: list[list[float]] = [[] for _ in prepared]
+        times: list[list[float]] = [[] for _ in prepared]
+        for _ in range(repeats):
+            rates.append(matmul_rate(repeats=1))
+            rate = rates[-1]["matmul_gflops_per_s"] * 1e9
+            for i, (entry, run) in enumerate(prepared):
+                if run is not None:
+                    times[i].append(run())
+                    bound = BOUND_PASSES[entry["low_memory"]] * entry["flops_per_pass"] / rate
+                    ratios[i].append(times[i][-1] / bound)
+        for (entry, run), ts, rs in zip(prepared, times, ratios):
+            passes = BOUND_PASSES[entry["low_memory"]]
+            row = {
+                "global_batch_N": global_batch,
+                "views_V": views,
+                "low_memory": entry["low_memory"],
+                "bound_passes": passes,
+                "flops_per_pass": entry["flops_per_pass"],
+                "temp_mib": entry["compiled_per_device"].get("temp_bytes", float("nan")) / 2**20,
+                "compile_s": entry["compile_s"],
+            }
+            if run is None:
+                row["skipped"] = entry["skipped"]
+            else:
+                row.update(
+                    times_ms=[t * 1e3 for t in ts],
+                    median_ms=statistics.median(ts) * 1e3,
+                    over_bound_per_call=rs,
+                    over_bound=statistics.median(rs),
+                    over_bound_best=min(rs),
+                    achieved_gflops_per_s=passes * entry["flops_per_pass"] / min(ts) / 1e9,
+                )
+                log(
+                    f"  N={global_batch} V={views} low_memory={entry['low_memory']!s:5s}: median "
+                    f"{row['median_ms']:8.1f} ms = {row['over_bound']:.2f}x its {passes}-pass bound (best "
+                    f"{row['over_bound_best']:.2f}x, {row['achieved_gflops_per_s']:.0f} GFLOP/s), temp "
+                    f"{row['temp_mib']:.1f} MiB"
+                )
+            rows.append(row)
+    rates.append(matmul_rate())
+    log(f"matmul rates: {[r['matmul_gflops_per_s'] for r in rates]} GFLOP/s")
     return {
-        "meaning": "over_bound = fastest call / (bound_passes * flops_per_pass / best matmul rate of the run); "
-        "over_bound_median = median call over the mean rate; achieved_gflops_per_s counts the bound's passes "
-        "in the fastest call; one device, FNConfig() (official default)",
+        "meaning": "over_bound = median over calls of time / (bound_passes * flops_per_pass / the matmul rate "
+        "sampled just before the call); over_bound_best the smallest; achieved_gflops_per_s counts the bound's "
+        "passes in the fastest call; one device, FNConfig() (official default)",
         "matmul_rate": rates,
-        "matmul_gflops_per_s_used": rate / 1e9,
         "rows": rows,
-        "entries": entries,
     }
 
 

@@ -39,7 +39,7 @@ again in that correction, a combination neither paper defines.
 
 There is no memory-bank (EMA queue) variant of these objectives; `fnc_memory_loss` is FNC only.
 
-Memory: as `fnc_loss`, by default (`low_memory=True`) view by view in a rematerialised `lax.scan`, so the
+Memory: by default (`low_memory=True`) view by view in a rematerialised `lax.scan`, so the
 largest temporaries are `(B, C)` blocks, not the `(V, B, C)` stack of all views.
 """
 

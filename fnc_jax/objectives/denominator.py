@@ -1,20 +1,25 @@
 """The denominator of the per-view FNC loss, LSE_{j in D(i)} <z_a(i), K_j> / t, with a hand-written VJP.
 
-Its gradient with respect to the logits is the softmax over the denominator, so the backward pass needs
-per row only the log-sum-exp: it rebuilds the softmax block by block (one fused exp, the self column
-and the eliminated false negatives masked by an iota compare) and contracts it with the candidates
-(d anchors) and the anchors (d candidates); the temperature, when traced, gets sum(dS * S) / -t. The
-target term of the loss is linear in the logits and sparse (gathered rows), left to autodiff (fnc.py).
-D(i) is every column but the anchor's own (self) column, minus the `drop` columns (elimination).
+D(i) is every column but the anchor's own (self) column, minus the `drop` columns (eliminated false
+negatives). Its gradient with respect to the logits is the softmax over D, so the forward keeps per row
+only the log-sum-exp and the backward rebuilds the softmax block by block and contracts it with the
+candidates (d anchors) and the anchors (d candidates); a traced temperature gets -sum(dS * S) / t.
 
-Two layouts, one maths:
-- `scan_lse` (low_memory=True): a `lax.scan` over the anchor views in both passes; the forward keeps
-  the (Va, B) log-sum-exps, the backward recomputes each view's (B, C) similarity block: 4 matmul
-  passes in all (forward, recompute, d anchors, d candidates), peak memory a few (B, C) blocks. It can
-  also return the raw similarities aggregated over the views (max / mean): with the official defaults
-  those are the false-negative scores, so they cost no separate pass.
-- `similarity_blocks` + `blocks_lse` (low_memory=False): one batched matmul whose (Va, B, C) blocks are
-  kept for the backward (the matmuls' gradients left to autodiff): 3 passes, memory Va blocks.
+Blocks: the similarities are computed in (B, Cc) tiles, Cc columns of one candidate view at a time,
+small enough to stay in cache, so that the elementwise work around the matmuls (exp, masks, the
+false-negative score maximum) costs no trip to memory per (B, C) pass. The forward runs tile-major
+(every anchor view of one tile, so the views' score maximum of a tile is final at once), the backward
+view-major (one view's d anchors accumulate in cache over the tiles).
+
+The positives (the anchor image's other views, always in D) enter from `own`, the similarities the
+caller computed from gathered rows, and are masked out of the tiles with every own column: the
+log-sum-exp and the target term (fnc.py) then see the same positive values, so a row whose
+denominator is its targets has loss exactly 0. The shift of the log-sum-exp starts at the largest
+positive logit; with unit-norm features and a static temperature (2 / t + ln C < 80) no logit can
+exceed it by more than 2 / t, so no row maximum is needed; otherwise it is carried online over tiles.
+
+Matmul passes: 4 with the tiles recomputed in the backward (forward, recompute, d anchors,
+d candidates; memory a few tiles); 3 with `store_blocks` (memory the Va (B, C) blocks).
 """
 
 from __future__ import annotations
@@ -28,136 +33,178 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
+# exp(x) overflows float32 above x = 88.7; with the positive shift every term is below exp(2 / t), so
+# the C terms sum below exp(2 / t + ln C): kept under this bound.
+_MAX_LOG_TERM = 80.0
+# Target tile size in float32 elements (B * Cc): 2 MiB.
+_TILE_ELEMENTS = 1 << 19
+
 
 class _Static(NamedTuple):
-    num_samples: int  # N: column a * N + g is the self column of anchor view a, sample g
-    aggregation: str | None  # None, "max" or "mean": also return the aggregated raw similarities
+    num_samples: int  # N: candidate column v * N + g is view v of global sample g
+    tile: int  # Cc, a divisor of N
+    aggregation: str | None  # None, "max" or "mean": also return the views' aggregated raw similarities
     grad_candidates: bool  # False: the candidates are constants (the memory queue)
     grad_temperature: bool  # the temperature is traced and needs its cotangent
-    store_blocks: bool  # keep every view's (B, C) block for the backward instead of recomputing it
-    positive_shift: bool  # shift the log-sum-exp by the positives' largest logit (see _row_lse)
+    store_blocks: bool  # keep the tiles for the backward instead of recomputing them
+    fixed_shift: bool  # the positives' largest logit bounds the row (see the module docstring)
 
 
-# exp(x) overflows float32 above x = 88.7; the shift by a positive keeps every term below
-# exp(2 / t) with unit-norm features, so the C terms sum below exp(2 / t + ln C): kept under this.
-_MAX_LOG_TERM = 80.0
+def _tile_size(num_samples: int, batch: int) -> int:
+    """The largest divisor of N with B * Cc <= _TILE_ELEMENTS (N itself when only tiny ones exist)."""
+    best = max(
+        (c for c in range(1, num_samples + 1) if num_samples % c == 0 and batch * c <= _TILE_ELEMENTS), default=1
+    )
+    return best if best >= min(64, num_samples) else num_samples
 
 
 def _similarities(anchor: Array, candidates: Array) -> Array:
     return jnp.dot(anchor, candidates.T, preferred_element_type=jnp.float32)
 
 
-def _left_out(shape: tuple[int, ...], view: Array, global_ids: Array, drop: Array | None, num_samples: int) -> Array:
-    """(B, C) bool: the self column (from an iota, fused into its consumer) and the `drop` columns."""
-    out = jax.lax.broadcasted_iota(jnp.int32, shape, 1) == (view * num_samples + global_ids)[:, None]
-    return out if drop is None else out | drop
+def _tile_columns(static: _Static, tile: Array, shape: tuple[int, int], global_ids: Array) -> tuple[Array, Array]:
+    """(B, Cc) bool masks of tile `tile`: the anchor image's columns (any view) and its view index."""
+    start = tile * static.tile
+    view, offset = start // static.num_samples, start % static.num_samples
+    same_sample = jax.lax.broadcasted_iota(jnp.int32, shape, 1) + offset == global_ids[:, None]
+    return same_sample, view
 
 
-def _logits(s, view, global_ids, drop, temperature, num_samples) -> Array:
-    """(B, C) logits with the self column (and `drop`) at -inf."""
-    return jnp.where(_left_out(s.shape, view, global_ids, drop, num_samples), -jnp.inf, s / temperature)
+def _tile_slice(x: Array, tile: Array, size: int, axis: int) -> Array:
+    return jax.lax.dynamic_slice_in_dim(x, tile * size, size, axis)
 
 
-def _own_values(s: Array, global_ids: Array, num_views: int, num_samples: int) -> Array:
-    """(B, Va) the block's similarities at the anchor image's own columns v * N + g (stop-gradient)."""
-    columns = jnp.arange(num_views)[None, :] * num_samples + global_ids[:, None]
-    return jax.lax.stop_gradient(jnp.take_along_axis(s, columns, axis=1))
+def _zero_like(*arrays: Array) -> Array:
+    """A stop-gradient 0 with the arrays' sharding type (varying axes under shard_map): scan carries that
+    start from a constant must match the body's outputs."""
+    return jax.lax.stop_gradient(sum(a.reshape(-1)[0] * 0 for a in arrays))
 
 
-def _row_lse(s, own, view, global_ids, drop, temperature, static: _Static) -> Array:
-    """(B,) log-sum-exp of the logits of one view's block.
-
-    The shift m must keep exp(l - m) finite. With `positive_shift` (unit-norm features, a static
-    temperature with 2 / t + ln C < 80) it is the largest positive logit (the own views other than self,
-    always in the denominator): every l - m <= 2 / t, one term is exp(0), and no extra (B, C) pass is
-    needed. Otherwise it is the row maximum, one more pass (taken on the raw similarities and divided
-    after: dividing by t > 0 is monotone in floating point too, so it is bitwise the logits' maximum).
-    """
-    if static.positive_shift:
-        is_self = jnp.arange(own.shape[1])[None, :] == view
-        m = jnp.max(jnp.where(is_self, -jnp.inf, own), axis=1) / temperature
-    else:
-        left_out = _left_out(s.shape, view, global_ids, drop, static.num_samples)
-        m = jnp.max(jnp.where(left_out, -jnp.inf, s), axis=1) / temperature
-    terms = jnp.exp(_logits(s, view, global_ids, drop, temperature, static.num_samples) - m[:, None])
-    return m + jnp.log(jnp.sum(terms, axis=1))
+# ----------------------------------------------------------------------------------------------
+# Forward: tile-major.
 
 
-def _aggregate(acc: Array, s: Array, aggregation: str) -> Array:
-    """Running max or sum over views of the raw similarities (the false-negative scores' aggregation)."""
-    return jnp.maximum(acc, s) if aggregation == "max" else acc + s
-
-
-def _finish_aggregate(acc: Array, num_views: int, aggregation: str) -> Array:
-    return jax.lax.stop_gradient(acc if aggregation == "max" else acc / num_views)
-
-
-def _block_gradient(s, view, global_ids, drop, temperature, lse, g, num_samples):
-    """(dS (B, C), sum_ij dS_ij s_ij): d(sum_i g_i lse_i)/dS = g_i softmax_ij / t."""
-    p = jnp.exp(_logits(s, view, global_ids, drop, temperature, num_samples) - lse[:, None])
-    ds = p * (g / temperature)[:, None]
-    return ds, jnp.sum(ds * s)
-
-
-def _temperature_cotangent(ds_s: Array | None, temperature: Array, static: _Static) -> Array:
-    # l = s / t, so d lse / d t = sum_j p_j * (-s_j / t^2) = -(1 / t) * sum_j (p_j / t) s_j.
-    return -ds_s / temperature if static.grad_temperature else jnp.zeros_like(temperature)
-
-
-def _forward(static: _Static, anchors, candidates, temperature, global_ids, drop):
-    """(lse (Va, B), own (Va, B, Va), scores (B, C) or None, blocks (Va, B, C) or None), view by view."""
-    num_views = anchors.shape[0]
+def _forward(static: _Static, anchors, candidates, temperature, global_ids, drop, own):
+    """(lse (Va, B), scores (B, C) or None, tiles (Va, T, B, Cc) or None)."""
+    num_views, batch, _ = anchors.shape
+    num_tiles = candidates.shape[0] // static.tile
     views = jnp.arange(num_views)
+    zero = _zero_like(anchors, candidates, temperature)
+    # Start: the positives (v != a), shifted by their largest logit; the tiles leave them out.
+    positive_logits = jnp.where(jnp.eye(num_views, dtype=bool)[:, None, :], -jnp.inf, own / temperature)
+    shift = jnp.max(positive_logits, axis=2)
+    total = jnp.sum(jnp.exp(positive_logits - shift[..., None]), axis=2)
 
-    def body(acc, x):
-        view, anchor = x
-        s = _similarities(anchor, candidates)
-        own = _own_values(s, global_ids, num_views, static.num_samples)
-        lse = _row_lse(s, own, view, global_ids, drop, temperature, static)
-        acc = None if static.aggregation is None else _aggregate(acc, s, static.aggregation)
-        return acc, (lse, own, s if static.store_blocks else None)
+    def view_body(carry, x):
+        acc, tiles = carry
+        view, anchor, shift_a, total_a, tile, same_sample, tile_view, candidate_tile, drop_tile = x
+        s = _similarities(anchor, candidate_tile)
+        left_out = same_sample & (tile_view < num_views)
+        if drop_tile is not None:
+            left_out |= drop_tile
+        logits = jnp.where(left_out, -jnp.inf, s / temperature)
+        if not static.fixed_shift:  # online: rescale the running total to the new maximum
+            new_shift = jnp.maximum(shift_a, jnp.max(logits, axis=1))
+            total_a, shift_a = total_a * jnp.exp(shift_a - new_shift), new_shift
+        total_a = total_a + jnp.sum(jnp.exp(logits - shift_a[:, None]), axis=1)
+        if static.aggregation is not None:
+            acc = jnp.maximum(acc, s) if static.aggregation == "max" else acc + s
+        if tiles is not None:  # written in place into the carried buffer (no stacked-output copies)
+            tiles = jax.lax.dynamic_update_slice(tiles, s[None, None], (view, tile, 0, 0))
+        return (acc, tiles), (shift_a, total_a)
 
-    init = None
+    def tile_body(carry, tile):
+        shift, total, scores, tiles = carry
+        candidate_tile = _tile_slice(candidates, tile, static.tile, 0)
+        drop_tile = None if drop is None else _tile_slice(drop, tile, static.tile, 1)
+        same_sample, tile_view = _tile_columns(static, tile, (batch, static.tile), global_ids)
+        acc = None
+        if static.aggregation is not None:
+            start = -jnp.inf if static.aggregation == "max" else 0.0
+            acc = jnp.full((batch, static.tile), start, jnp.float32) + zero
+
+        def body(acc, x):
+            return view_body(acc, (*x, tile, same_sample, tile_view, candidate_tile, drop_tile))
+
+        (acc, tiles), (shift, total) = jax.lax.scan(body, (acc, tiles), (views, anchors, shift, total))
+        if acc is not None:
+            scores = jax.lax.dynamic_update_slice_in_dim(scores, acc, tile * static.tile, 1)
+        return (shift, total, scores, tiles), None
+
+    scores = tiles = None
     if static.aggregation is not None:
-        # A zero with the anchors' and candidates' sharding type (varying axes under shard_map), so that
-        # the constant start of the carry matches the body's output.
-        zero = jax.lax.stop_gradient(anchors[0, 0, 0] * 0 + candidates[0, 0] * 0)
-        start = -jnp.inf if static.aggregation == "max" else 0.0
-        init = jnp.full((anchors.shape[1], candidates.shape[0]), start, jnp.float32) + zero
-    acc, (lse, own, blocks) = jax.lax.scan(body, init, (views, anchors))
-    scores = None if acc is None else _finish_aggregate(acc, num_views, static.aggregation)
-    return lse, own, scores, blocks
+        scores = jnp.zeros((batch, candidates.shape[0]), jnp.float32) + zero
+    if static.store_blocks:
+        tiles = jnp.zeros((num_views, num_tiles, batch, static.tile), jnp.float32) + zero
+    init = (shift, total, scores, tiles)
+    (shift, total, scores, tiles), _ = jax.lax.scan(tile_body, init, jnp.arange(num_tiles))
+    lse = shift + jnp.log(total)
+    if scores is not None:
+        scores = jax.lax.stop_gradient(scores if static.aggregation == "max" else scores / num_views)
+    return lse, scores, tiles
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward: view-major.
+
+
+def _backward(static: _Static, residuals, g):
+    anchors, candidates, temperature, global_ids, drop, lse, tiles = residuals
+    num_views, batch, _ = anchors.shape
+    num_tiles = candidates.shape[0] // static.tile
+    zero = _zero_like(anchors, candidates, temperature, g)
+
+    def tile_body(d_anchor, x):
+        tile, view, anchor, anchor_t, lse_a, g_a = x
+        candidate_tile = _tile_slice(candidates, tile, static.tile, 0)
+        s = _similarities(anchor, candidate_tile) if tiles is None else tiles[view, tile]
+        same_sample, tile_view = _tile_columns(static, tile, (batch, static.tile), global_ids)
+        left_out = same_sample & (tile_view == view)  # the self column; the positives are in D
+        if drop is not None:
+            left_out |= _tile_slice(drop, tile, static.tile, 1)
+        p = jnp.exp(jnp.where(left_out, -jnp.inf, s / temperature) - lse_a[:, None])
+        ds = p * (g_a / temperature)[:, None]
+        # (d, Cc) = anchor^T ds with the transpose made outside this loop: a plain (not transposed-operand)
+        # matmul, which XLA:CPU gives to its fast GEMM (a transposed left operand falls back to a slower one).
+        d_tile = anchor_t @ ds if static.grad_candidates else None
+        ds_s = jnp.sum(ds * s) if static.grad_temperature else None
+        return d_anchor + ds @ candidate_tile, (d_tile, ds_s)
+
+    def view_body(d_candidates_t, x):
+        view, anchor, lse_a, g_a = x
+        anchor_t = anchor.T
+        body = lambda d, tile: tile_body(d, (tile, view, anchor, anchor_t, lse_a, g_a))  # noqa: E731
+        d_anchor, (d_tiles, ds_s) = jax.lax.scan(body, jnp.zeros_like(anchor) + zero, jnp.arange(num_tiles))
+        if d_tiles is not None:
+            d_candidates_t = d_candidates_t + d_tiles  # (T, d, Cc)
+        return d_candidates_t, (d_anchor, None if ds_s is None else jnp.sum(ds_s))
+
+    num_columns, dim = candidates.shape
+    init = jnp.zeros((num_tiles, dim, static.tile), jnp.float32) + zero if static.grad_candidates else None
+    d_candidates_t, (d_anchors, ds_s) = jax.lax.scan(view_body, init, (jnp.arange(num_views), anchors, lse, g))
+    if d_candidates_t is None:
+        d_candidates = jnp.zeros_like(candidates)
+    else:
+        d_candidates = jnp.transpose(d_candidates_t, (0, 2, 1)).reshape(num_columns, dim)
+    # l = s / t, so d lse / d t = sum_j p_j * (-s_j / t^2) = -(1 / t) * sum_j (p_j / t) s_j.
+    d_temperature = -jnp.sum(ds_s) / temperature if static.grad_temperature else jnp.zeros_like(temperature)
+    return d_anchors, d_candidates, d_temperature, None, None, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _denominator(static: _Static, anchors, candidates, temperature, global_ids, drop):
-    return _forward(static, anchors, candidates, temperature, global_ids, drop)[:3]
+def _denominator(static: _Static, anchors, candidates, temperature, global_ids, drop, own):
+    return _forward(static, anchors, candidates, temperature, global_ids, drop, own)[:2]
 
 
-def _denominator_fwd(static, anchors, candidates, temperature, global_ids, drop):
-    lse, own, scores, blocks = _forward(static, anchors, candidates, temperature, global_ids, drop)
-    return (lse, own, scores), (anchors, candidates, temperature, global_ids, drop, lse, blocks)
+def _denominator_fwd(static, anchors, candidates, temperature, global_ids, drop, own):
+    lse, scores, tiles = _forward(static, anchors, candidates, temperature, global_ids, drop, own)
+    return (lse, scores), (anchors, candidates, temperature, global_ids, drop, lse, tiles)
 
 
 def _denominator_bwd(static, residuals, cotangents):
-    anchors, candidates, temperature, global_ids, drop, lse, blocks = residuals
-    g = cotangents[0]  # the own values and scores outputs are stop-gradient: their cotangents are ignored
-
-    def body(d_cand, x):
-        view, anchor, lse_a, g_a, s = x
-        s = _similarities(anchor, candidates) if s is None else s
-        ds, ds_s = _block_gradient(s, view, global_ids, drop, temperature, lse_a, g_a, static.num_samples)
-        if static.grad_candidates:
-            d_cand = d_cand + jax.lax.dot_general(ds, anchor, (((0,), (0,)), ((), ())))
-        return d_cand, (ds @ candidates, ds_s if static.grad_temperature else None)
-
-    init = jnp.zeros_like(candidates) if static.grad_candidates else None
-    views = jnp.arange(anchors.shape[0])
-    d_candidates, (d_anchors, ds_s) = jax.lax.scan(body, init, (views, anchors, lse, g, blocks))
-    if d_candidates is None:
-        d_candidates = jnp.zeros_like(candidates)
-    d_temperature = _temperature_cotangent(None if ds_s is None else jnp.sum(ds_s), temperature, static)
-    return d_anchors, d_candidates, d_temperature, None, None
+    # The scores output is stop-gradient: its cotangent is ignored. `own` carries no gradient here: the
+    # positives' logits are differentiated through the tiles (the own columns are in the backward's D).
+    return _backward(static, residuals, cotangents[0])
 
 
 _denominator.defvjp(_denominator_fwd, _denominator_bwd)
@@ -167,6 +214,7 @@ def denominator_lse(
     anchors: Array,
     candidates: Array,
     temperature: float | Array,
+    own: Array,
     *,
     num_samples: int,
     global_ids: Array,
@@ -175,35 +223,37 @@ def denominator_lse(
     grad_candidates: bool = True,
     store_blocks: bool = False,
     unit_norm: bool = False,
-) -> tuple[Array, Array, Array | None]:
-    """(Va, B) log sum_{j != self, not drop} exp(<anchors[a, i], candidates[j]> / t), view by view.
+) -> tuple[Array, Array | None]:
+    """(Va, B) log sum_{j != self, not drop} exp(<anchors[a, i], candidates[j]> / t), tile by tile.
 
     Args:
-      anchors: `(Va, B, d)` float32 anchor features; view a's self column for local sample i is
-        `a * num_samples + global_ids[i]`.
-      candidates: `(C, d)` float32 candidate features.
+      anchors: `(Va, B, d)` float32 anchor features; the anchor image's own columns for local sample i
+        are `v * num_samples + global_ids[i]` (v < Va), its self column that of v = a.
+      candidates: `(C, d)` float32 candidate features, C a multiple of N.
       temperature: a float, or a traced scalar (then it gets its cotangent).
-      drop: optional `(B, C)` bool columns also left out of the denominator (no gradient).
+      own: `(Va, B, Va)` <anchors[a, i], own column v> computed from gathered rows (no gradient here).
+      drop: optional `(B, C)` bool columns also left out of the denominator (never own columns).
       aggregation: None, or "max" / "mean": also return the `(B, C)` max / mean over the anchor views of
-        the raw similarities <anchors[a, i], candidates[j]> (stop-gradient), from the same blocks.
+        the raw similarities (stop-gradient), from the same tiles.
       grad_candidates: False when the candidates are constants (skips their gradient's matmul pass).
-      store_blocks: keep the Va blocks for the backward (3 matmul passes, memory Va blocks) instead of
-        recomputing them (4 passes, memory a few blocks).
+      store_blocks: keep the tiles for the backward (3 matmul passes, memory the Va blocks) instead of
+        recomputing them (4 passes, memory a few tiles).
       unit_norm: anchors and candidates have norm <= 1 (l2-normalised), which bounds the logits.
 
     Returns:
-      `(lse, own, scores)`: own `(Va, B, Va)` are the blocks' similarities at the anchor image's own
-      columns v * N + g (stop-gradient), scores None without an aggregation.
+      `(lse, scores)`, scores None without an aggregation.
     """
     static = _Static(
         num_samples=num_samples,
+        tile=_tile_size(num_samples, anchors.shape[1]),
         aggregation=aggregation,
         grad_candidates=grad_candidates,
         grad_temperature=isinstance(temperature, jax.Array),
         store_blocks=store_blocks,
-        positive_shift=unit_norm
+        fixed_shift=unit_norm
         and not isinstance(temperature, jax.Array)
         and 2.0 / temperature + math.log(candidates.shape[0]) < _MAX_LOG_TERM,
     )
     temperature = jnp.asarray(temperature, jnp.float32)
-    return _denominator(static, anchors, candidates, temperature, global_ids.astype(jnp.int32), drop)
+    own = jax.lax.stop_gradient(own)
+    return _denominator(static, anchors, candidates, temperature, global_ids.astype(jnp.int32), drop, own)

@@ -1,9 +1,10 @@
 """The FNC loss: multi-view NT-Xent with false-negative attraction or elimination, in-batch and with a
 memory queue of EMA features (method §3, §5-7).
 
-Memory: by default (`low_memory=True`) the loss is computed view by view inside a rematerialised
-`lax.scan`, so the largest temporaries are `(B, C)` blocks (C = number of candidate columns) instead
-of the `(V, B, C)` stack of all views' similarities; the backward pass recomputes each view's block.
+Speed and memory: the denominator has a hand-written VJP over cache-sized tiles of the similarities
+(objectives/denominator.py): by default (`low_memory=True`) the backward recomputes the tiles (4 matmul
+passes, FN scores of the official defaults included; temporaries a few tiles and the (B, C) scores);
+`low_memory=False` keeps them (3 passes; memory the V (B, C) blocks).
 """
 
 from __future__ import annotations
@@ -26,27 +27,22 @@ from fnc_jax.objectives.selection import Selection, false_negatives, fn_metrics,
 Array = jax.Array
 
 
-def _target_sums(
-    anchors: Array,
-    candidates: Array,
-    own_values: Array,
-    selection: Selection | None,
-    num_samples: int,
-    sample_offset: Array | int,
-) -> tuple[Array, Array]:
-    """(Va, B) sums of the raw similarities over each anchor's targets, and the (B,) target counts.
-
-    The targets are the anchor image's other views (columns v * N + g, v < Va, v != a) and, with a
-    selection (attraction), its false negatives; both are gathered rows, so this is O(Va * B * (Va + k) * d)
-    and its gradient (left to autodiff) a scatter, never a (B, C) block. The own views' values are the
-    denominator blocks' `own_values` (so a row whose denominator is its targets has loss exactly 0), their
-    gradient that of the gathered rows.
-    """
+def _own_similarities(anchors: Array, candidates: Array, num_samples: int, sample_offset: Array | int) -> Array:
+    """(Va, B, Va) <anchor view a of sample i, its own view v>, from the gathered own rows v * N + g(i)."""
     num_views, batch, dim = anchors.shape
     own = jax.lax.dynamic_slice_in_dim(candidates.reshape(-1, num_samples, dim)[:num_views], sample_offset, batch, 1)
-    pairs = jnp.einsum("abd,vbd->abv", anchors, own)  # (Va, B, Va): anchor view a against own view v
-    pairs += jax.lax.stop_gradient(own_values - pairs)
-    sums = jnp.sum(jnp.where(jnp.eye(num_views, dtype=bool)[:, None, :], 0.0, pairs), axis=2)
+    return jnp.einsum("abd,vbd->abv", anchors, own)
+
+
+def _target_sums(anchors: Array, candidates: Array, own: Array, selection: Selection | None) -> tuple[Array, Array]:
+    """(Va, B) sums of the raw similarities over each anchor's targets, and the (B,) target counts.
+
+    The targets are the anchor image's other views (`own`, v != a) and, with a selection (attraction),
+    its false negatives, gathered rows: O(Va * B * (Va + k) * d), with a scatter for gradient (autodiff),
+    never a (B, C) block.
+    """
+    num_views, batch, _ = anchors.shape
+    sums = jnp.sum(jnp.where(jnp.eye(num_views, dtype=bool)[:, None, :], 0.0, own), axis=2)
     counts = jnp.full((batch,), num_views - 1, jnp.float32)
     if selection is None:
         return sums, counts
@@ -108,10 +104,12 @@ def _objective(
     selection = None
     if fn.mode != "none" and not reuse:
         selection = false_negatives(score_queries, score_candidates, **selection_args)
-    lse, own_s, scores = denominator_lse(
+    own_s = _own_similarities(anchors, candidates, num_samples, sample_offset)
+    lse, scores = denominator_lse(
         anchors,
         candidates,
         temperature,
+        own_s,
         num_samples=num_samples,
         global_ids=global_ids,
         drop=selection.mask if fn.mode == "elimination" else None,
@@ -122,9 +120,7 @@ def _objective(
     )
     if reuse:
         selection = false_negatives(anchors, candidates, scores=scores, **selection_args)
-    sums, counts = _target_sums(
-        anchors, candidates, own_s, selection if fn.mode == "attraction" else None, num_samples, sample_offset
-    )
+    sums, counts = _target_sums(anchors, candidates, own_s, selection if fn.mode == "attraction" else None)
     losses = jnp.mean(lse - sums / (temperature * counts[None, :]), axis=1)
     # Sum of the per-view means, scaled by 2/V: SimCLR's two-direction sum at V = 2 (docs/method.md §3).
     loss = global_mean(jnp.sum(losses) * (2.0 / num_views), axis_name)
@@ -158,9 +154,8 @@ def fnc_loss(
         across it and the returned loss / metrics are global.
       labels: optional `(B,)` integer labels of the local samples, for FN precision / recall and
         the oracle selection.
-      low_memory: view-by-view computation (see module docstring). False vectorises over views and
-        stores all V blocks (about 8x the temporary memory); on CPU it is also slower
-        (benchmarks/objective.py), so it is only worth trying on accelerators with small blocks.
+      low_memory: recompute the similarity tiles in the backward (4 matmul passes, temporaries a few
+        tiles); False keeps the V (B, C) blocks instead (3 passes, V times the memory; module docstring).
       schedule: optional `FNSchedule`: no cancellation before its start, then its ramped k and threshold,
         evaluated at `step` (the training step, traced); None = the fixed selection of `fn`.
       step: the training step, for the schedule.

@@ -110,3 +110,17 @@ def test_python_float_temperature_gives_the_same_gradient_as_a_traced_one():
     fixed = jax.grad(lambda x: fnc_loss(x, temperature=0.25)[0])(h)
     traced = jax.grad(lambda x: fnc_loss(x, temperature=jnp.float32(0.25))[0])(h)
     np.testing.assert_allclose(fixed, traced, atol=1e-7)
+
+
+@pytest.mark.parametrize("traced", [False, True])  # static t: the fixed shift; traced t: the online one
+@pytest.mark.parametrize("mode", ["attraction", "elimination"])
+def test_several_tiles_per_view(mode, traced):
+    # B * N > 2**19 elements: each view's (B, C) block is split into several column tiles.
+    fn = FNConfig(mode=mode, topk=5, threshold=0.3)
+    h = clustered(11, 3, 768)
+    t = jnp.float32(0.2) if traced else 0.2
+    for low_memory in (True, False):
+        loss, grad = jax.value_and_grad(lambda x: fnc_loss(x, temperature=t, fn=fn, low_memory=low_memory)[0])(h)
+        loss_p, grad_p = jax.value_and_grad(lambda x: plain_loss(x, t, fn))(h)
+        np.testing.assert_allclose(loss, loss_p, rtol=1e-6)
+        np.testing.assert_allclose(grad, grad_p, atol=1e-7)
