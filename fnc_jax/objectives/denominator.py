@@ -63,7 +63,7 @@ def _similarities(anchor: Array, candidates: Array) -> Array:
 
 
 def _tile_columns(static: _Static, tile: Array, shape: tuple[int, int], global_ids: Array) -> tuple[Array, Array]:
-    """(B, Cc) bool masks of tile `tile`: the anchor image's columns (any view) and its view index."""
+    """The (B, Cc) bool mask of the anchor images' own columns (any view) in tile `tile`, and the tile's view."""
     start = tile * static.tile
     view, offset = start // static.num_samples, start % static.num_samples
     same_sample = jax.lax.broadcasted_iota(jnp.int32, shape, 1) + offset == global_ids[:, None]
