@@ -2,9 +2,17 @@
 
 Usage (from the repository root):
 
-    python -m benchmarks.objective [--quick] [--devices N] [--output FILE]
+    python -m benchmarks.objective [--quick] [--matmul-bound-only] [--devices N] [--output FILE]
 
 Prints ONE JSON object to stdout (progress goes to stderr). Sections:
+
+- `matmul_bound`: per N x V shape (256x10, 512x10, 1024x10; one device), the official default's loss +
+  gradient for both `low_memory` values against its matmul-bound time: `bound_passes` (4 for the default,
+  3 for the fast path) times one pass's FLOPs (2*V*B*C*d) at the machine's float32 matmul rate
+  (`benchmarks.common.matmul_rate()`, sampled before every round of calls in the same run, each call
+  paired with the sample before it); `over_bound` is the median of the paired ratios (`over_bound_best`
+  the smallest), next to the achieved GFLOP/s and the compiled peak temporary memory.
+  `--matmul-bound-only` runs only this section.
 
 - `timing`: wall time of the jitted `jax.value_and_grad` of the loss on this machine's CPU (compile and a
   warm-up call excluded, median of several repeats, `block_until_ready`), for FNC attraction (the official
@@ -66,6 +74,8 @@ DEBIASED_MODES = {
     "hcl_elimination": ("hcl", "elimination"),
 }
 TAU_PLUS, BETA = 0.1, 1.0
+# (N, V) shapes of the matmul-bound comparison (issue 15), one device.
+BOUND_SHAPES = [(256, 10), (512, 10), (1024, 10)]
 
 
 def log(*args: Any) -> None:
@@ -92,13 +102,15 @@ def num_columns(variant: str, views: int, global_batch: int, memory_multiplier: 
 
 
 def matmul_passes(variant: str, mode: str, low_memory: bool) -> dict[str, int]:
-    """Similarity-block matmul passes ((V*B) x C x d each) of loss + gradient as `objectives.py` writes them.
+    """Similarity-block matmul passes ((V*B) x C x d each) of loss + gradient as `fnc_jax.objectives` does them.
 
-    FN scoring 1 (not in mode 'none'), logits 1, backward: d(anchors) 1 and, in-batch only, d(candidates) 1
-    (memory rows carry no gradient); the rematerialised scan (low_memory=True) recomputes the logits once more.
+    FN scoring 1 (none in mode 'none', and none for FNC attraction in-batch, the official default, whose
+    scores are taken from the logits' own blocks), logits 1, backward: d(anchors) 1 and, in-batch only,
+    d(candidates) 1 (memory rows carry no gradient); low_memory=True recomputes the blocks once more.
     """
+    reused = mode == "attraction" and variant == "in_batch"
     passes = {
-        "fn_scores": 0 if _fn_mode(mode) == "none" else 1,
+        "fn_scores": 0 if _fn_mode(mode) == "none" or reused else 1,
         "logits_forward": 1,
         "logits_recomputed_in_backward": 1 if low_memory else 0,
         "grad_anchors": 1,
@@ -369,6 +381,85 @@ def timing_ratios(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Against the matmul-bound limit.
+
+# Matmul passes over the (V*B) x C similarities that loss + gradient cannot do without: the default
+# (low_memory=True) recomputes the blocks in the backward (scores+logits, recompute, d(anchors),
+# d(candidates)); the fast path stores them (scores+logits, d(anchors), d(candidates)).
+BOUND_PASSES = {True: 4, False: 3}
+
+
+def matmul_bound(shapes, dim: int, repeats: int, max_run_bytes: float) -> dict[str, Any]:
+    """Per (N, V) shape on one device, FNC's official default loss + gradient for both low_memory values:
+    time over the matmul-bound time (passes * flops_per_pass / the machine's matmul rate), achieved GFLOP/s
+    and the compiled peak temporary bytes.
+
+    The matmul rate is sampled before every round of calls (`benchmarks.common.matmul_rate`, one product),
+    and each call is compared with the rate just before it: on a shared machine the rate drifts by 2x
+    within a run, so paired ratios (their median and their best) are what stays comparable. Each timed
+    call follows an untimed one: right after numpy's matmul a call is 30-50% slower.
+    """
+    from benchmarks.common import matmul_rate
+
+    rates: list[dict[str, Any]] = [matmul_rate()]
+    rows = []
+    for global_batch, views in shapes:
+        prepared = [
+            prepare_point("in_batch", "attraction", low, 1, views, global_batch, dim, 0, max_run_bytes)
+            for low in (True, False)
+        ]
+        ratios: list[list[float]] = [[] for _ in prepared]
+        times: list[list[float]] = [[] for _ in prepared]
+        for _ in range(repeats):
+            rates.append(matmul_rate(repeats=1))
+            rate = rates[-1]["matmul_gflops_per_s"] * 1e9
+            for i, (entry, run) in enumerate(prepared):
+                if run is not None:
+                    run()  # discarded: a call right after numpy's matmul runs 30-50% slower (its threads)
+                    times[i].append(run())
+                    bound = BOUND_PASSES[entry["low_memory"]] * entry["flops_per_pass"] / rate
+                    ratios[i].append(times[i][-1] / bound)
+        for (entry, run), ts, rs in zip(prepared, times, ratios):
+            passes = BOUND_PASSES[entry["low_memory"]]
+            row = {
+                "global_batch_N": global_batch,
+                "views_V": views,
+                "low_memory": entry["low_memory"],
+                "bound_passes": passes,
+                "flops_per_pass": entry["flops_per_pass"],
+                "temp_mib": entry["compiled_per_device"].get("temp_bytes", float("nan")) / 2**20,
+                "compile_s": entry["compile_s"],
+            }
+            if run is None:
+                row["skipped"] = entry["skipped"]
+            else:
+                row.update(
+                    times_ms=[t * 1e3 for t in ts],
+                    median_ms=statistics.median(ts) * 1e3,
+                    over_bound_per_call=rs,
+                    over_bound=statistics.median(rs),
+                    over_bound_best=min(rs),
+                    achieved_gflops_per_s=passes * entry["flops_per_pass"] / min(ts) / 1e9,
+                )
+                log(
+                    f"  N={global_batch} V={views} low_memory={entry['low_memory']!s:5s}: median "
+                    f"{row['median_ms']:8.1f} ms = {row['over_bound']:.2f}x its {passes}-pass bound (best "
+                    f"{row['over_bound_best']:.2f}x, {row['achieved_gflops_per_s']:.0f} GFLOP/s), temp "
+                    f"{row['temp_mib']:.1f} MiB"
+                )
+            rows.append(row)
+    rates.append(matmul_rate())
+    log(f"matmul rates: {[r['matmul_gflops_per_s'] for r in rates]} GFLOP/s")
+    return {
+        "meaning": "over_bound = median over calls of time / (bound_passes * flops_per_pass / the matmul rate "
+        "sampled just before the call); over_bound_best the smallest; achieved_gflops_per_s counts the bound's "
+        "passes in the fastest call; one device, FNConfig() (official default)",
+        "matmul_rate": rates,
+        "rows": rows,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
 # Memory (compile only).
 
 
@@ -504,7 +595,15 @@ def plans(quick: bool, devices: int) -> dict[str, Any]:
                 {"variant": "in_batch", "mode": "attraction", "low_memory": lo} for lo in (True, False)
             ]
         }
-        return {"views": views, "dim": dim, "memory_multiplier": m, "timing": timing, "repeats": 3, "memory": memory}
+        return {
+            "views": views,
+            "dim": dim,
+            "memory_multiplier": m,
+            "timing": timing,
+            "repeats": 3,
+            "memory": memory,
+            "bound_shapes": [(64, 10)],
+        }
     timing = []
     for n in (256, 1024):
         for variant in ("in_batch", "memory"):
@@ -521,7 +620,15 @@ def plans(quick: bool, devices: int) -> dict[str, Any]:
     points += [{"variant": v, "mode": "none", "low_memory": True} for v in ("in_batch", "memory")]
     points += [{"variant": "in_batch", "mode": mode, "low_memory": True} for mode in DEBIASED_MODES]
     memory = {r: points for r in (1, 8, 32, 128)}
-    return {"views": views, "dim": dim, "memory_multiplier": m, "timing": timing, "repeats": 5, "memory": memory}
+    return {
+        "views": views,
+        "dim": dim,
+        "memory_multiplier": m,
+        "timing": timing,
+        "repeats": 5,
+        "memory": memory,
+        "bound_shapes": BOUND_SHAPES,
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -556,6 +663,11 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=4 * 2**30,
         help="skip timing a configuration whose compiled bytes over all devices exceed this",
+    )
+    parser.add_argument(
+        "--matmul-bound-only",
+        action="store_true",
+        help="only the comparison with the matmul-bound time (N x V = 256x10, 512x10, 1024x10, one device)",
     )
     parser.add_argument("--output", help="also write the JSON to this file")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)  # internal: JSON spec, one device count
@@ -593,6 +705,10 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     views, dim, mm = plan["views"], plan["dim"], plan["memory_multiplier"]
+    log("against the matmul-bound time")
+    result["matmul_bound"] = matmul_bound(plan["bound_shapes"], dim, plan["repeats"], args.max_run_bytes)
+    if args.matmul_bound_only:
+        return _finish(result, start, args.output)
     log(f"timing ({len(plan['timing'])} configurations, {plan['repeats']} interleaved repeats)")
     groups: dict[tuple, list] = {}
     for config in plan["timing"]:  # side by side per (variant, devices, N)
@@ -618,10 +734,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             memory += memory_points_subprocess(spec, timeout=900)
     result["memory"] = {"entries": memory, "scaling": memory_scaling(memory)}
+    return _finish(result, start, args.output)
+
+
+def _finish(result: dict[str, Any], start: float, output: str | None) -> int:
     result["elapsed_s"] = time.perf_counter() - start
     text = json.dumps(result, indent=1)
-    if args.output:
-        with open(args.output, "w") as f:
+    if output:
+        with open(output, "w") as f:
             f.write(text + "\n")
     print(text)
     return 0

@@ -15,13 +15,15 @@ Layout conventions (docs/method.md §1):
   loss and every metric are global (averaged over devices), so the sharded loss and its gradients
   equal the single-device loss on the global batch.
 
-Modules: `fn_config` (settings), `layout` (normalisation, candidates, collectives), `selection`
-(false-negative identification and diagnostics), `fnc` (the FNC losses and the memory queue), `debiased`
+Modules: `fn_config` (settings), `layout` (normalisation, candidates, collectives, the per-view loop),
+`selection` (false-negative identification and diagnostics), `denominator` (FNC's log-sum-exp and its
+hand-written VJP), `fnc` (the FNC losses and the memory queue), `debiased`
 (the DCL and HCL losses, in-batch, optionally with false-negative elimination).
 
-Memory: by default (`low_memory=True`) the loss is computed view by view inside a rematerialised
-`lax.scan`, so the largest temporaries are `(B, C)` blocks (C = number of candidate columns) instead
-of the `(V, B, C)` stack of all views' similarities; the backward pass recomputes each view's block.
+Memory: by default (`low_memory=True`) the largest temporaries are `(B, C)` arrays (C = number of
+candidate columns), never the `(V, B, C)` stack of all views' similarities: FNC's denominator has a
+hand-written VJP over cache-sized tiles that its backward recomputes (`denominator`), DCL / HCL run view
+by view in a rematerialised `lax.scan`. `low_memory=False` keeps the blocks (FNC: 3 matmul passes, not 4).
 """
 
 from fnc_jax.objectives.debiased import DEBIASED_FN_MODES, dcl_loss, hcl_loss

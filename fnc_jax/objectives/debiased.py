@@ -39,7 +39,7 @@ again in that correction, a combination neither paper defines.
 
 There is no memory-bank (EMA queue) variant of these objectives; `fnc_memory_loss` is FNC only.
 
-Memory: as `fnc_loss`, by default (`low_memory=True`) view by view in a rematerialised `lax.scan`, so the
+Memory: by default (`low_memory=True`) view by view in a rematerialised `lax.scan`, so the
 largest temporaries are `(B, C)` blocks, not the `(V, B, C)` stack of all views.
 """
 
@@ -52,14 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from fnc_jax.objectives.fn_config import FNConfig, FNSchedule
-from fnc_jax.objectives.layout import (
-    check_temperature,
-    device_index_and_count,
-    gather_samples,
-    global_mean,
-    own_columns,
-    prepare_embeddings,
-)
+from fnc_jax.objectives.layout import check_temperature, global_mean, in_batch_layout, own_columns, per_view
 from fnc_jax.objectives.selection import false_negative_mask, fn_metrics, schedule_metrics
 
 Array = jax.Array
@@ -147,12 +140,7 @@ def _view_losses(
         is_positive = jnp.arange(num_views) != a  # drop the self pair
         return jnp.mean(jnp.sum(jnp.where(is_positive[None, :], pairs, 0.0), axis=1)) / (num_views - 1)
 
-    views = jnp.arange(num_views)
-    if not low_memory:
-        return jax.vmap(view_loss)(views, anchors)
-    # Rematerialised scan, as in fnc.py: each view's (B, C) block is recomputed in the backward pass.
-    _, losses = jax.lax.scan(lambda carry, x: (carry, jax.checkpoint(view_loss)(*x)), None, (views, anchors))
-    return losses
+    return per_view(view_loss, anchors, low_memory)
 
 
 def _debiased_loss(
@@ -172,18 +160,11 @@ def _debiased_loss(
     check_temperature(temperature)
     _check_arguments(tau_plus, beta, fn)
     fn = FNConfig(mode="none") if fn is None else fn
-    z = prepare_embeddings(embeddings, hidden_norm)
-    num_views, batch, dim = z.shape
-    device, num_devices = device_index_and_count(axis_name)
-    num_samples = batch * num_devices
-    sample_offset = device * batch
+    z, anchors, candidates, labels, candidate_labels, num_samples, sample_offset = in_batch_layout(
+        embeddings, hidden_norm, axis_name, labels, fn.support_as_positives
+    )
+    anchor_views, batch = anchors.shape[:2]
     global_ids = sample_offset + jnp.arange(batch)
-    anchor_views = num_views if fn.support_as_positives else 2
-    candidates = gather_samples(z, axis_name, axis=1)[:anchor_views].reshape(anchor_views * num_samples, dim)
-    candidate_labels = None
-    if labels is not None:
-        labels = labels.astype(jnp.int32)
-        candidate_labels = jnp.tile(gather_samples(labels, axis_name, axis=0), anchor_views)
     own = own_columns(candidates.shape[0], num_samples, anchor_views, global_ids)
     if fn.mode == "none":
         fn_mask = jnp.zeros_like(own)
@@ -201,7 +182,7 @@ def _debiased_loss(
             step=step,
         )
     losses = _view_losses(
-        z[:anchor_views],
+        anchors,
         candidates,
         ~own & ~fn_mask,
         num_samples=num_samples,

@@ -1,9 +1,10 @@
 """The FNC loss: multi-view NT-Xent with false-negative attraction or elimination, in-batch and with a
 memory queue of EMA features (method §3, §5-7).
 
-Memory: by default (`low_memory=True`) the loss is computed view by view inside a rematerialised
-`lax.scan`, so the largest temporaries are `(B, C)` blocks (C = number of candidate columns) instead
-of the `(V, B, C)` stack of all views' similarities; the backward pass recomputes each view's block.
+Speed and memory: the denominator has a hand-written VJP over cache-sized tiles of the similarities
+(objectives/denominator.py): by default (`low_memory=True`) the backward recomputes the tiles (4 matmul
+passes, FN scores of the official defaults included; temporaries a few tiles and the (B, C) scores);
+`low_memory=False` keeps them (3 passes; memory the V (B, C) blocks).
 """
 
 from __future__ import annotations
@@ -11,59 +12,46 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fnc_jax.objectives.denominator import denominator_lse
 from fnc_jax.objectives.fn_config import FNConfig, FNSchedule
 from fnc_jax.objectives.layout import (
     check_temperature,
     device_index_and_count,
-    gather_samples,
     global_mean,
+    in_batch_layout,
     own_columns,
     prepare_embeddings,
 )
-from fnc_jax.objectives.selection import false_negative_mask, fn_metrics, schedule_metrics
+from fnc_jax.objectives.selection import Selection, false_negatives, fn_metrics, schedule_metrics
 
 Array = jax.Array
 
 
-def _view_losses(
-    anchors: Array,
-    candidates: Array,
-    fn_mask: Array,
-    *,
-    num_samples: int,
-    global_ids: Array,
-    temperature: float,
-    mode: str,
-    low_memory: bool,
-) -> Array:
-    """(Va,) per-anchor-view mean over samples of L_a(i) (docs/method.md §3, §5)."""
-    num_views, batch = anchors.shape[:2]
-    num_columns = candidates.shape[0]
-    col = jnp.arange(num_columns)
-    own = own_columns(num_columns, num_samples, num_views, global_ids)
-    col_view = col // num_samples
+def _own_similarities(anchors: Array, candidates: Array, num_samples: int, sample_offset: Array | int) -> Array:
+    """(Va, B, Va) <anchor view a of sample i, its own view v>, from the gathered own rows v * N + g(i)."""
+    num_views, batch, dim = anchors.shape
+    own = jax.lax.dynamic_slice_in_dim(candidates.reshape(-1, num_samples, dim)[:num_views], sample_offset, batch, 1)
+    return jnp.einsum("abd,vbd->abv", anchors, own)
 
-    def view_loss(a: Array, z_a: Array) -> Array:
-        logits = (z_a @ candidates.T) / temperature  # (B, C)
-        is_self = own & (col_view == a)[None, :]
-        positives = own & ~is_self
-        in_denominator = ~is_self
-        targets = positives
-        if mode == "attraction":
-            targets = positives | fn_mask
-        elif mode == "elimination":
-            in_denominator &= ~fn_mask
-        lse = jax.nn.logsumexp(jnp.where(in_denominator, logits, -jnp.inf), axis=1)
-        target_mean = jnp.sum(jnp.where(targets, logits, 0.0), axis=1) / jnp.sum(targets, axis=1)
-        return jnp.mean(lse - target_mean)
 
-    views = jnp.arange(num_views)
-    if not low_memory:
-        return jax.vmap(view_loss)(views, anchors)
-    # Rematerialised scan: each view's (B, C) block is recomputed in the backward pass instead of
-    # all V blocks being stored, so peak memory grows like B*C, not V*B*C.
-    _, losses = jax.lax.scan(lambda carry, x: (carry, jax.checkpoint(view_loss)(*x)), None, (views, anchors))
-    return losses
+def _target_sums(anchors: Array, candidates: Array, own: Array, selection: Selection | None) -> tuple[Array, Array]:
+    """(Va, B) sums of the raw similarities over each anchor's targets, and the (B,) target counts.
+
+    The targets are the anchor image's other views (`own`, v != a) and, with a selection (attraction),
+    its false negatives, gathered rows: O(Va * B * (Va + k) * d), with a scatter for gradient (autodiff),
+    never a (B, C) block.
+    """
+    num_views, batch, _ = anchors.shape
+    sums = jnp.sum(jnp.where(jnp.eye(num_views, dtype=bool)[:, None, :], 0.0, own), axis=2)
+    counts = jnp.full((batch,), num_views - 1, jnp.float32)
+    if selection is None:
+        return sums, counts
+    if selection.top is not None:
+        false_negatives = jnp.einsum("bk,bkd->bd", selection.keep.astype(jnp.float32), candidates[selection.top])
+    else:
+        false_negatives = selection.mask.astype(jnp.float32) @ candidates
+    sums += jnp.einsum("abd,bd->ab", anchors, false_negatives)
+    return sums, counts + selection.counts().astype(jnp.float32)
 
 
 def _objective(
@@ -83,39 +71,61 @@ def _objective(
     low_memory: bool,
     schedule: FNSchedule | None,
     step: Array | int,
+    scores_are_anchors: bool,
+    grad_candidates: bool,
+    unit_norm: bool,
 ) -> tuple[Array, dict[str, Array]]:
-    """Shared core of the in-batch and memory losses, on already normalised float32 features."""
+    """Shared core of the in-batch and memory losses, on already normalised float32 features.
+
+    L_a(i) = LSE_{D(i)}(l) - mean_{T(i)}(l) (docs/method.md §3, §5): the denominator comes from
+    `denominator` (hand-written VJP, block by block), the target mean from `_target_sums`.
+    `scores_are_anchors`: the false-negative queries are the anchors themselves (and the score
+    candidates the candidates), so with every view scoring, the scores are the loss's own similarities.
+    `unit_norm`: anchors and candidates are l2-normalised (bounds the logits, see `denominator`).
+    """
     num_views, batch = anchors.shape[:2]
     global_ids = sample_offset + jnp.arange(batch)
     own = own_columns(candidates.shape[0], num_samples, num_views, global_ids)
-    if fn.mode == "none":
-        fn_mask = jnp.zeros_like(own)
-    else:
-        fn_mask = false_negative_mask(
-            score_queries,
-            score_candidates,
-            fn=fn,
-            num_samples=num_samples,
-            sample_offset=sample_offset,
-            labels=labels,
-            candidate_labels=candidate_labels,
-            low_memory=low_memory,
-            schedule=schedule,
-            step=step,
-        )
-    losses = _view_losses(
+    # The official defaults score with the anchors' own cosines: take them from the loss's blocks (in
+    # attraction only: elimination needs the mask before its denominator).
+    reuse = (
+        scores_are_anchors and fn.mode == "attraction" and fn.selection != "oracle" and fn.support_set == "all_views"
+    )
+    selection_args = dict(
+        fn=fn,
+        num_samples=num_samples,
+        sample_offset=sample_offset,
+        labels=labels,
+        candidate_labels=candidate_labels,
+        low_memory=low_memory,
+        schedule=schedule,
+        step=step,
+    )
+    selection = None
+    if fn.mode != "none" and not reuse:
+        selection = false_negatives(score_queries, score_candidates, **selection_args)
+    own_s = _own_similarities(anchors, candidates, num_samples, sample_offset)
+    lse, scores = denominator_lse(
         anchors,
         candidates,
-        fn_mask,
+        temperature,
+        own_s,
         num_samples=num_samples,
         global_ids=global_ids,
-        temperature=temperature,
-        mode=fn.mode,
-        low_memory=low_memory,
+        drop=selection.mask if fn.mode == "elimination" else None,
+        aggregation=fn.aggregation if reuse else None,
+        grad_candidates=grad_candidates,
+        store_blocks=not low_memory,
+        unit_norm=unit_norm,
     )
+    if reuse:
+        selection = false_negatives(anchors, candidates, scores=scores, **selection_args)
+    sums, counts = _target_sums(anchors, candidates, own_s, selection if fn.mode == "attraction" else None)
+    losses = jnp.mean(lse - sums / (temperature * counts[None, :]), axis=1)
     # Sum of the per-view means, scaled by 2/V: SimCLR's two-direction sum at V = 2 (docs/method.md §3).
     loss = global_mean(jnp.sum(losses) * (2.0 / num_views), axis_name)
-    aux = fn_metrics(fn_mask, own, labels, candidate_labels, axis_name) | schedule_metrics(schedule, step, fn)
+    fn_mask, num_fn = (jnp.zeros_like(own), None) if selection is None else (selection.mask, selection.counts())
+    aux = fn_metrics(fn_mask, own, labels, candidate_labels, axis_name, num_fn) | schedule_metrics(schedule, step, fn)
     aux["fn_mask"] = fn_mask.reshape(batch, num_blocks, num_samples)
     return loss, aux
 
@@ -144,9 +154,8 @@ def fnc_loss(
         across it and the returned loss / metrics are global.
       labels: optional `(B,)` integer labels of the local samples, for FN precision / recall and
         the oracle selection.
-      low_memory: view-by-view computation (see module docstring). False vectorises over views and
-        stores all V blocks (about 8x the temporary memory); on CPU it is also slower
-        (benchmarks/objective.py), so it is only worth trying on accelerators with small blocks.
+      low_memory: recompute the similarity tiles in the backward (4 matmul passes, temporaries a few
+        tiles); False keeps the V (B, C) blocks instead (3 passes, V times the memory; module docstring).
       schedule: optional `FNSchedule`: no cancellation before its start, then its ramped k and threshold,
         evaluated at `step` (the training step, traced); None = the fixed selection of `fn`.
       step: the training step, for the schedule.
@@ -159,33 +168,26 @@ def fnc_loss(
       also `fn_topk` and `fn_threshold`, the selection in force.
     """
     check_temperature(temperature)
-    z = prepare_embeddings(embeddings, hidden_norm)
-    num_views, batch, dim = z.shape
-    device, num_devices = device_index_and_count(axis_name)
-    num_samples = batch * num_devices
-    gathered = gather_samples(z, axis_name, axis=1)  # (V, N, d), global view-major
-    candidate_labels = None
-    if labels is not None:
-        labels = labels.astype(jnp.int32)
-        candidate_labels = gather_samples(labels, axis_name, axis=0)
-    anchor_views = num_views if fn.support_as_positives else 2
-    candidates = gathered[:anchor_views].reshape(anchor_views * num_samples, dim)
+    layout = in_batch_layout(embeddings, hidden_norm, axis_name, labels, fn.support_as_positives)
     return _objective(
-        z[:anchor_views],
-        candidates,
-        z,
-        candidates,
-        num_samples=num_samples,
-        num_blocks=anchor_views,
-        sample_offset=device * batch,
+        layout.anchors,
+        layout.candidates,
+        layout.z,
+        layout.candidates,
+        num_samples=layout.num_samples,
+        num_blocks=layout.anchors.shape[0],
+        sample_offset=layout.sample_offset,
         temperature=temperature,
         fn=fn,
-        labels=labels,
-        candidate_labels=None if labels is None else jnp.tile(candidate_labels, anchor_views),
+        labels=layout.labels,
+        candidate_labels=layout.candidate_labels,
         axis_name=axis_name,
         low_memory=low_memory,
         schedule=schedule,
         step=step,
+        scores_are_anchors=fn.support_as_positives,
+        grad_candidates=True,
+        unit_norm=hidden_norm,
     )
 
 
@@ -276,4 +278,7 @@ def fnc_memory_loss(
         low_memory=low_memory,
         schedule=schedule,
         step=step,
+        scores_are_anchors=False,
+        grad_candidates=False,
+        unit_norm=False,
     )

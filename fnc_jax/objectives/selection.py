@@ -3,6 +3,8 @@ oracle; and the FN diagnostics (|F| per sample, global precision and recall)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -39,34 +41,86 @@ def _aggregate_scores(queries: Array, candidates: Array, aggregation: str, low_m
     return acc if aggregation == "max" else acc / queries.shape[0]
 
 
-def _select(
-    scores: Array, own: Array, num_candidates: int, fn: FNConfig, same_label: Array | None, limits: FNLimits | None
-) -> Array:
+class Selection(NamedTuple):
+    """The selected false negatives: the dense `(B, C)` mask and, for a top-k selection, the same set as
+    the `(B, k)` column indices `top` with their `(B, k)` flags `keep` (what sparse consumers gather)."""
+
+    mask: Array
+    top: Array | None
+    keep: Array | None
+
+    def counts(self) -> Array:
+        """(B,) int32 number selected per row (from the k flags when there are some: no (B, C) pass)."""
+        return jnp.sum(self.mask if self.keep is None else self.keep, axis=1, dtype=jnp.int32)
+
+
+def select(
+    scores: Array | None,
+    own: Array,
+    num_candidates: int,
+    fn: FNConfig,
+    same_label: Array | None,
+    limits: FNLimits | None,
+) -> Selection:
     """Selection of docs/method.md §4.5 on (B, C) aggregated scores; own columns never selected.
 
     `num_candidates` (static) is the number of non-own columns per row, the clamp for k. `limits` (a
     schedule's k and threshold at this step) replace `fn.topk` / `fn.threshold` and gate the selection.
+    A top-k selection is decided on its k values (rank, threshold, schedule) and scattered once into the
+    mask, so no (B, C) where-chain is built.
     """
     if fn.selection == "oracle":
         selected = same_label & ~own
-    else:
-        masked = jnp.where(own, -jnp.inf, scores)
-        selected = ~own
-        if fn.uses_threshold:
-            threshold = fn.threshold if limits is None else limits.threshold
-            selected &= masked > threshold  # strict >, on the raw cosine
-        if fn.uses_topk:
-            k = min(fn.topk, num_candidates)
-            if k == 0:
-                return jnp.zeros_like(own)
-            _, idx = jax.lax.top_k(masked, k)  # ties: the lower column index wins, as in the official code
-            rows = jnp.arange(scores.shape[0])[:, None]
-            # A scheduled k keeps the first limits.topk of the k_max best (top_k returns them in order).
-            keep = True if limits is None else jnp.broadcast_to(jnp.arange(k) < limits.topk, idx.shape)
-            selected &= jnp.zeros_like(own).at[rows, idx].set(keep)
+        return Selection(selected if limits is None else selected & limits.active, None, None)
+    masked = jnp.where(own, -jnp.inf, scores)
+    threshold = fn.threshold if limits is None else limits.threshold
+    if not fn.uses_topk:
+        selected = masked > threshold  # strict >, on the raw cosine; own columns are -inf
+        return Selection(selected if limits is None else selected & limits.active, None, None)
+    k = min(fn.topk, num_candidates)
+    values, top = jax.lax.top_k(masked, k)  # ties: the lower column index wins, as in the official code
+    keep = values > -jnp.inf  # never an own column
+    if fn.uses_threshold:
+        keep &= values > threshold
     if limits is not None:
-        selected &= limits.active
-    return selected
+        # A scheduled k keeps the first limits.topk of the k_max best (top_k returns them in order).
+        keep &= (jnp.arange(k) < limits.topk)[None, :] & limits.active
+    rows = jnp.arange(scores.shape[0])[:, None]
+    return Selection(jnp.zeros_like(own).at[rows, top].set(keep, unique_indices=True), top, keep)
+
+
+def false_negatives(
+    queries: Array,
+    candidates: Array,
+    *,
+    fn: FNConfig,
+    num_samples: int,
+    sample_offset: Array | int,
+    labels: Array | None,
+    candidate_labels: Array | None,
+    low_memory: bool,
+    schedule: FNSchedule | None,
+    step: Array | int,
+    scores: Array | None = None,
+) -> Selection:
+    """`false_negative_mask` as a `Selection`; `scores` (B, C), when given, are the queries' already
+    aggregated scores (taken from the loss's own similarity blocks), so none are computed here."""
+    num_views, batch = queries.shape[:2]
+    if fn.selection == "oracle" and (labels is None or candidate_labels is None):
+        raise ValueError("fn.selection='oracle' needs labels: pass labels (and candidate labels).")
+    candidates = jax.lax.stop_gradient(candidates.astype(jnp.float32))
+    global_ids = sample_offset + jnp.arange(batch)
+    num_columns = candidates.shape[0]
+    own = own_columns(num_columns, num_samples, num_views, global_ids)
+    num_candidates = num_columns - min(num_views, num_columns // num_samples)
+    same_label = None
+    if labels is not None and candidate_labels is not None:
+        same_label = (labels[:, None] == candidate_labels[None, :]) & (candidate_labels[None, :] >= 0)
+    if fn.selection != "oracle" and scores is None:
+        queries = jax.lax.stop_gradient(queries.astype(jnp.float32))
+        scores = _aggregate_scores(_support_views(queries, fn), candidates, fn.aggregation, low_memory)
+    limits = None if schedule is None else schedule.limits(step, fn)
+    return jax.tree.map(jax.lax.stop_gradient, select(scores, own, num_candidates, fn, same_label, limits))
 
 
 def false_negative_mask(
@@ -101,23 +155,18 @@ def false_negative_mask(
       `(B, C)` bool mask, stop-gradient: the anchor image's own columns v*N + g (v < V) are never
       selected; ties in top-k keep the lower column index; k is clamped to the candidate count.
     """
-    num_views, batch = queries.shape[:2]
-    if fn.selection == "oracle" and (labels is None or candidate_labels is None):
-        raise ValueError("fn.selection='oracle' needs labels: pass labels (and candidate labels).")
-    queries = jax.lax.stop_gradient(queries.astype(jnp.float32))
-    candidates = jax.lax.stop_gradient(candidates.astype(jnp.float32))
-    global_ids = sample_offset + jnp.arange(batch)
-    num_columns = candidates.shape[0]
-    own = own_columns(num_columns, num_samples, num_views, global_ids)
-    num_candidates = num_columns - min(num_views, num_columns // num_samples)
-    same_label = None
-    if labels is not None and candidate_labels is not None:
-        same_label = (labels[:, None] == candidate_labels[None, :]) & (candidate_labels[None, :] >= 0)
-    scores = None
-    if fn.selection != "oracle":
-        scores = _aggregate_scores(_support_views(queries, fn), candidates, fn.aggregation, low_memory)
-    limits = None if schedule is None else schedule.limits(step, fn)
-    return jax.lax.stop_gradient(_select(scores, own, num_candidates, fn, same_label, limits))
+    return false_negatives(
+        queries,
+        candidates,
+        fn=fn,
+        num_samples=num_samples,
+        sample_offset=sample_offset,
+        labels=labels,
+        candidate_labels=candidate_labels,
+        low_memory=low_memory,
+        schedule=schedule,
+        step=step,
+    ).mask
 
 
 def fn_metrics(
@@ -126,9 +175,10 @@ def fn_metrics(
     labels: Array | None,
     candidate_labels: Array | None,
     axis_name: str | None,
+    num_fn: Array | None = None,
 ) -> dict[str, Array]:
-    """|F| per sample and, with labels, the global precision / recall of the selection."""
-    num_fn = jnp.sum(fn_mask, axis=1)
+    """|F| per sample (`num_fn` when already counted) and, with labels, the global precision / recall."""
+    num_fn = jnp.sum(fn_mask, axis=1) if num_fn is None else num_fn
     metrics = {"num_fn": num_fn, "mean_num_fn": global_mean(jnp.mean(num_fn.astype(jnp.float32)), axis_name)}
     if labels is None or candidate_labels is None:
         return metrics

@@ -103,3 +103,17 @@ def test_quick_benchmark_memory_at_official_scale(quick_result):
         assert (temp < stack) if e["low_memory"] else (temp > stack)
     scaling = quick_result["memory"]["scaling"]
     assert any(s.get("kind") == "temp_low_memory_false_over_true" and s["ratio"] > 1 for s in scaling)
+
+
+@pytest.mark.slow
+def test_quick_benchmark_against_the_matmul_bound(quick_result):
+    bound = quick_result["matmul_bound"]
+    assert len(bound["matmul_rate"]) >= 3 and all(r["matmul_gflops_per_s"] > 0 for r in bound["matmul_rate"])
+    rows = bound["rows"]
+    assert {r["low_memory"] for r in rows} == {True, False}
+    for r in rows:
+        assert r["bound_passes"] == (4 if r["low_memory"] else 3)
+        assert r["flops_per_pass"] == 2 * r["views_V"] * r["global_batch_N"] * r["views_V"] * r["global_batch_N"] * 128
+        assert len(r["over_bound_per_call"]) == quick_result["timing"]["repeats"]
+        assert 0 < r["over_bound_best"] <= r["over_bound"] and math.isfinite(r["over_bound"])
+        assert r["achieved_gflops_per_s"] > 0 and r["temp_mib"] > 0
