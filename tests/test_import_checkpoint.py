@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 
 from fnc_jax import evaluate, parallel
-from fnc_jax.evaluation import restore
+from fnc_jax.evaluation import restore, starting_variables
 from fnc_jax.interop import tf1
 from fnc_jax.interop import workdir as imported_workdir
 from fnc_jax.models import factory
@@ -125,7 +125,9 @@ def test_a_checkpoint_without_projection_head_imports_for_evaluation(tmp_path):
     c.model.update(proj_layers=0, proj_out_dim=64)
     source = restore.find_checkpoint(c.pretrained)
     restore.check_model_matches(c, source)
-    variables, report = evaluate.initial_variables(c, factory.contrastive_model(c), source, parallel.create_mesh())
+    variables, report = starting_variables.initial_variables(
+        c, factory.contrastive_model(c), source, parallel.create_mesh()
+    )
     assert report["restored"] == ["params/encoder", "batch_stats/encoder"] and report["step"] == 5
     reader = tf.train.load_checkpoint(path)
     np.testing.assert_array_equal(
