@@ -126,7 +126,7 @@ def test_seeds_are_paired_with_the_baselines_first_and_recorded_overrides_are_ke
         ("long_fnc_elimination", 0),
         ("long_fnc_attraction", 0),
     ]
-    assert runs[2].overrides == ("seed=1", "fn.mode=attraction", "epochs=24", "total_steps=3")
+    assert runs[2].overrides == ("seed=1", "fn.mode=attraction", f"epochs={grids.LONG_EPOCHS}", "total_steps=3")
     assert runs[2].command[3] == f"--config={runner.REPO_ROOT / 'configs' / 'default.py'}"
     assert runs[2].command[4:] == [
         f"--workdir={tmp_path}/runs/long_fnc_attraction/seed1",
