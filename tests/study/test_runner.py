@@ -34,7 +34,7 @@ def study(out: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow  # two training processes: ~2 minutes on 2 cores
+# Two real training processes (~2.5 minutes on 2 cores): the one end-to-end test of the study command in CI.
 def test_a_tiny_grid_runs_reports_skips_when_rerun_and_refuses_a_changed_override(tmp_path):
     out = tmp_path / "study"
     first = study(out, *TINY)
@@ -162,8 +162,8 @@ def test_a_failed_run_is_reported_with_its_reason(tmp_path):
 
 
 # A stand-in for `python -m fnc_jax.main` (argv: workdir, method, seed): writes what a finished run writes,
-# accuracies set by method and seed; the method named "broken" fails, so the orchestration and the report
-# run in CI in seconds (the real training processes are the slow test above).
+# accuracies set by method and seed; the method named "broken" fails, so failures, pairing and the report's
+# statistics are checked in seconds (the real training processes are the end-to-end test above).
 FAKE_RUN = """
 import json, pathlib, sys
 workdir, method, seed = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
