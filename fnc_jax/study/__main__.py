@@ -2,7 +2,8 @@
 
 Run the same command again to resume a study cut short: finished runs are skipped, half-finished ones
 resume from their checkpoints. `--report-only` rewrites OUT/results.md, OUT/study.json and the plots
-from what has finished. `--steps` / `--epochs` / `--set FIELD=VALUE` change every run of the grid (a
+from what has finished; `--readme=README.md` also rewrites the README's study tables (between its
+markers) from the same report. `--steps` / `--epochs` / `--set FIELD=VALUE` change every run of the grid (a
 shorter or smaller study; recorded with each run, so a run dir never mixes two recipes). A bad flag
 prints one line naming the flag, its value and what is allowed, and exits with status 2; the command
 exits with status 1 when a run failed (after reporting the rest).
@@ -35,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", help="epochs of every run")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config override for every run")
     p.add_argument("--report-only", action="store_true", help="only write the report from the finished runs")
+    p.add_argument("--readme", help="also rewrite the study tables between the markers of this file (README.md)")
     return p
 
 
@@ -97,10 +99,19 @@ def run(argv: list[str]) -> None:
     out = pathlib.Path(args.out).resolve()
     runs = runner.plan(methods, seeds, out)
     runner.check_recorded(runs)
+    readme = pathlib.Path(args.readme) if args.readme else None
+    if readme is not None:
+        report.check_readme(readme)
     counts = runner.run_all(runs, out) if not args.report_only else None
     study = report.write(args.grid, methods, seeds, runs, out)
     print(report.markdown(study).split("\n## Runs")[0])
-    print(f"Wrote {out / 'results.md'}, {out / 'study.json'} and the plots.")
+    if readme is not None:
+        subset = f" --methods={args.methods}" if args.methods else ""
+        command = (
+            f"python -m fnc_jax.study --grid={args.grid}{subset} --seeds={args.seeds} --out={args.out} --report-only"
+        )
+        report.update_readme(readme, study, f"{command} --readme={args.readme}")
+    print(f"Wrote {out / 'results.md'}, {out / 'study.json'}, the plots{f' and {readme}' * (readme is not None)}.")
     if counts is not None:
         print(f"Runs: {counts['ok']} done, {counts['skipped']} skipped (finished earlier), {counts['failed']} failed.")
         if counts["failed"]:

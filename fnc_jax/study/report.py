@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from fnc_jax import errors
 from fnc_jax.study import grids, plots, runner
 
 # (key, column) of the compared numbers; accuracies from quality.pretrained, FN precision from quality.
@@ -126,36 +127,51 @@ def _cell(stats: dict[str, Any], scale: float = 100.0, signed: bool = False) -> 
     return text
 
 
+def _method_rows(study: dict[str, Any], finished_only: bool = False) -> list[str]:
+    lines = ["| method | seeds | " + " | ".join(col for _, col in METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
+    for m in study["methods"]:
+        name, n = m["name"], len(m["seeds_finished"])
+        if finished_only and not n:
+            continue
+        seeds_cell = f"{n}/{m['seeds_asked']}" + (" (fewer than asked)" if n < m["seeds_asked"] else "")
+        lines.append(f"| {name} | {seeds_cell} | " + " | ".join(_cell(m["metrics"][k]) for k, _ in METRICS) + " |")
+    return lines
+
+
+def _paired_rows(study: dict[str, Any]) -> list[str]:
+    # A column only where some difference exists (FN precision: only against a baseline that cancels).
+    compared = [(k, col) for k, col in METRICS if any(m["vs_baseline"].get(k, {}).get("n") for m in study["methods"])]
+    lines = [
+        "| method | baseline | pairs | " + " | ".join(f"Δ {col}" for _, col in compared) + " |",
+        "|---" * (len(compared) + 3) + "|",
+    ]
+    for m in study["methods"]:
+        pairs = max((d["n"] for d in m["vs_baseline"].values()), default=0)
+        if pairs:
+            cells = " | ".join(_cell(m["vs_baseline"][k], signed=True) for k, _ in compared)
+            lines.append(f"| {m['name']} | {m['baseline']} | {pairs} | {cells} |")
+    return lines
+
+
+def _commits_line(study: dict[str, Any]) -> str:
+    return f"Commit(s): {', '.join(f'`{c}`' for c in study['commits']) or '–'}."
+
+
 def markdown(study: dict[str, Any]) -> str:
     """results.md: the per-method table, the paired differences, and every run's provenance."""
     seeds = study["seeds"]
     lines = [
         f"# Study `{study['grid']}`, seeds {', '.join(map(str, seeds))}",
         "",
-        f"Commit(s): {', '.join(f'`{c}`' for c in study['commits']) or '–'}. Numbers in %: mean ± std over the "
+        f"{_commits_line(study)} Numbers in %: mean ± std over the "
         "finished seeds [min, max]; differences are method − baseline, seed by seed.",
         "",
-        "| method | seeds | " + " | ".join(col for _, col in METRICS) + " |",
-        "|---" * (len(METRICS) + 2) + "|",
-    ]
-    for m in study["methods"]:
-        name, n = m["name"], len(m["seeds_finished"])
-        seeds_cell = f"{n}/{m['seeds_asked']}" + (" (fewer than asked)" if n < m["seeds_asked"] else "")
-        lines.append(f"| {name} | {seeds_cell} | " + " | ".join(_cell(m["metrics"][k]) for k, _ in METRICS) + " |")
-    # A column only where some difference exists (FN precision: only against a baseline that cancels).
-    compared = [(k, col) for k, col in METRICS if any(m["vs_baseline"].get(k, {}).get("n") for m in study["methods"])]
-    lines += [
+        *_method_rows(study),
         "",
         "## Paired differences to the baseline",
         "",
-        "| method | baseline | pairs | " + " | ".join(f"Δ {col}" for _, col in compared) + " |",
-        "|---" * (len(compared) + 3) + "|",
+        *_paired_rows(study),
     ]
-    for m in study["methods"]:
-        if m["vs_baseline"]:
-            pairs = max(d["n"] for d in m["vs_baseline"].values())
-            cells = " | ".join(_cell(m["vs_baseline"][k], signed=True) for k, _ in compared)
-            lines.append(f"| {m['name']} | {m['baseline']} | {pairs} | {cells} |")
     lines += [
         "",
         "## Runs",
@@ -180,6 +196,48 @@ def markdown(study: dict[str, Any]) -> str:
     lines += [" ".join(r["command"]) for r in study["runs"]]
     lines += ["```", "", "Plots: accuracy.png, fn_precision.png, schedule.png (when the grid has schedule runs).", ""]
     return "\n".join(lines)
+
+
+def readme_tables(study: dict[str, Any], command: str) -> str:
+    """The README's block: the methods with a finished seed, their paired differences, the runs' commits
+    and the `command` that wrote it."""
+    return "\n".join(
+        [
+            *_method_rows(study, finished_only=True),
+            "",
+            "Paired differences to the baseline (same seeds):",
+            "",
+            *_paired_rows(study),
+            "",
+            f"{_commits_line(study)} Written by `{command}`.",
+        ]
+    )
+
+
+README_BEGIN, README_END = "<!-- study tables: begin -->", "<!-- study tables: end -->"
+
+
+def check_readme(path: pathlib.Path) -> str:
+    """The text of `path`, which must hold the study-tables markers once each, in order."""
+    text = path.read_text() if path.is_file() else ""
+    if (
+        text.count(README_BEGIN) != 1
+        or text.count(README_END) != 1
+        or text.index(README_BEGIN) > text.index(README_END)
+    ):
+        raise errors.ConfigError(
+            f"--readme={str(path)!r} is invalid: allowed is a file holding the lines {README_BEGIN} and {README_END} "
+            "once each, in that order."
+        )
+    return text
+
+
+def update_readme(path: pathlib.Path, study: dict[str, Any], command: str) -> None:
+    """Replaces what lies between the markers of `path` with `readme_tables(study, command)` (atomically)."""
+    text = check_readme(path)
+    head, rest = text.split(README_BEGIN)
+    tail = rest.split(README_END)[1]
+    write_text_atomic(path, f"{head}{README_BEGIN}\n{readme_tables(study, command)}\n{README_END}{tail}")
 
 
 def write_text_atomic(path: pathlib.Path, text: str) -> None:

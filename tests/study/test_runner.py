@@ -92,6 +92,10 @@ def test_a_tiny_grid_runs_reports_skips_when_rerun_and_refuses_a_changed_overrid
         ("--set=fn.no_such=1", "override config.fn.no_such is invalid: no such config field"),
         ("--methods=nope", "--methods='nope' is invalid: allowed are methods of --grid=schedule"),
         ("--bogus=1", "unrecognized arguments: --bogus=1"),
+        (
+            "--readme=/no/such/README.md",
+            "--readme='/no/such/README.md' is invalid: allowed is a file holding the lines",
+        ),
     ],
 )
 def test_a_bad_flag_is_one_line_and_status_2(tmp_path, monkeypatch, capsys, flag, message):
@@ -221,6 +225,18 @@ def test_the_runner_and_report_pair_seeds_record_failures_and_skip_finished_runs
     assert "| better | base | 3 | +2.0 ± 0.0 [+2.0, +2.0] |" in table
     for png in ("accuracy.png", "fn_precision.png", "schedule.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n{report.README_BEGIN}\nold table\n{report.README_END}\nafter\n")
+    report.update_readme(readme, study, "the command")
+    text = readme.read_text()
+    assert text.startswith(f"# Title\n{report.README_BEGIN}\n| method | seeds |") and text.endswith(
+        f"Written by `the command`.\n{report.README_END}\nafter\n"
+    )
+    assert "old table" not in text and "| broken |" not in text  # only methods with a finished seed
+    assert "| better | base | 3 | +2.0 ± 0.0 [+2.0, +2.0] |" in text and "Commit(s): `" in text
+    report.update_readme(readme, study, "the command")
+    assert readme.read_text() == text  # idempotent: the markers stay
 
     lines.clear()
     assert runner.run_all(runs, tmp_path, say=lines.append) == {"skipped": 6, "ok": 0, "failed": 3}  # retried
