@@ -2,7 +2,7 @@
 
 Usage (from the repository root):
 
-    python -m benchmarks.objective [--quick] [--matmul-bound-only] [--devices N] [--output FILE]
+    python -m benchmarks.objective [--quick] [--matmul-bound-only | --breakdown] [--devices N] [--output FILE]
 
 Prints ONE JSON object to stdout (progress goes to stderr). Sections:
 
@@ -13,6 +13,15 @@ Prints ONE JSON object to stdout (progress goes to stderr). Sections:
   paired with the sample before it); `over_bound` is the median of the paired ratios (`over_bound_best`
   the smallest), next to the achieved GFLOP/s and the compiled peak temporary memory.
   `--matmul-bound-only` runs only this section.
+
+- `breakdown` (`--breakdown`, which runs only this section): where one call's time goes, for the default
+  path and the fast path at N x V = 1024x10 (one device, official default; `--quick`: 128x10). After the
+  timed calls (paired with the matmul rate as above), a few calls run under `jax.profiler.trace` into a
+  temporary directory; the XLA:CPU op events of the trace (perfetto JSON) are summed per call and put in
+  categories by the ops the compiled HLO says each contains: `dot`, `exp_reduce`, `topk`, `copy_fill`,
+  `other` (rules in the JSON, with the top ops of every category and their HLO ops, so the sorting can be
+  checked). Next to them: the traced ops' total against the traced wall time, the dots' achieved GFLOP/s
+  (their HLO FLOPs over their traced time) against the matmul rate, and the call against its pass bound.
 
 - `timing`: wall time of the jitted `jax.value_and_grad` of the loss on this machine's CPU (compile and a
   warm-up call excluded, median of several repeats, `block_until_ready`), for FNC attraction (the official
@@ -265,8 +274,11 @@ def make_inputs(variant: str, views: int, global_batch: int, dim: int, memory_mu
 # Timing.
 
 
-def prepare_point(variant, mode, low_memory, devices, views, global_batch, dim, memory_multiplier, max_run_bytes):
-    """Compiles one configuration; returns (entry, runner or None when skipped)."""
+def prepare_point(
+    variant, mode, low_memory, devices, views, global_batch, dim, memory_multiplier, max_run_bytes, compiled_out=None
+):
+    """Compiles one configuration; returns (entry, runner or None when skipped). `compiled_out` (a list), if
+    given, receives the compiled executable (`--breakdown` reads its HLO)."""
     import jax
 
     entry: dict[str, Any] = {
@@ -286,6 +298,8 @@ def prepare_point(variant, mode, low_memory, devices, views, global_batch, dim, 
     t0 = time.perf_counter()
     compiled = fn.lower(*specs).compile()
     entry["compile_s"] = time.perf_counter() - t0
+    if compiled_out is not None:
+        compiled_out.append(compiled)
     stats = compile_stats(compiled)
     entry["compiled_per_device"] = stats
     entry.update(analytic_flops(variant, mode, low_memory, views, global_batch // devices, entry["columns_C"], dim))
@@ -460,6 +474,314 @@ def matmul_bound(shapes, dim: int, repeats: int, max_run_bytes: float) -> dict[s
 
 
 # ----------------------------------------------------------------------------------------------
+# Where the time of one call goes (--breakdown): the XLA:CPU ops of a profiler trace, by category.
+
+# (N, V) of the breakdown (one device, official default FNConfig()); --quick uses a small N.
+BREAKDOWN_SHAPE = (1024, 10)
+BREAKDOWN_CATEGORIES = ("dot", "exp_reduce", "topk", "copy_fill", "other")
+# Ops that only move, fill or reinterpret data: a fusion made of nothing else is `copy_fill`.
+_DATA_MOVEMENT = {
+    "parameter",
+    "constant",
+    "broadcast",
+    "iota",
+    "copy",
+    "bitcast",
+    "reshape",
+    "transpose",
+    "slice",
+    "dynamic-slice",
+    "dynamic-update-slice",
+    "concatenate",
+    "pad",
+    "tuple",
+    "get-tuple-element",
+}
+# Ops that contain other ops' thunks (their trace events nest the leaves'): not counted themselves.
+_CONTAINERS = {"while", "conditional", "call"}
+_EXP_OPS = {"exponential", "exponential-minus-one", "log", "log-plus-one"}
+_REDUCE_OPS = {"reduce", "reduce-window"}
+_BREAKDOWN_RULES = {
+    "dot": "a dot or convolution, or a fusion containing one (XLA:CPU's __ynn_fusion custom fusions wrap the "
+    "matmuls; one containing a dot is a dot)",
+    "topk": "custom-call TopK, or an op/fusion containing topk or sort",
+    "exp_reduce": "a fusion/op containing exponential or log (`with_exp_ms`), or else a reduce (row sums, max "
+    "aggregations: `reduce_only_ms`)",
+    "copy_fill": "an op/fusion made only of data movement: " + ", ".join(sorted(_DATA_MOVEMENT)),
+    "other": "the rest (element-wise select / add / maximum ... fusions), and trace ops absent from the HLO",
+    "skipped": "while / conditional / call thunks (they contain the leaves' events); the first matching rule "
+    "wins, in the order dot, topk, exp_reduce, copy_fill, other",
+}
+
+_INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
+_COMP_RE = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s+\((.*)\)\s*->\s*.*\{\s*$")
+_PARAM_RE = re.compile(r"([\w.\-]+):\s*(\w+\[[\d,]*\])")
+
+
+def _dims(shape: str) -> list[int] | None:
+    m = re.match(r"^\(?\w+\[([\d,]*)\]", shape.strip())
+    if not m:
+        return None
+    return [int(x) for x in m.group(1).split(",") if x]
+
+
+def parse_hlo(text: str) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The module name and, per instruction name of an (optimized) HLO module's text: opcode, the opcodes
+    inside it (a fusion's called computations, transitively), its dot FLOPs, custom-call target and
+    metadata op_name."""
+    module = re.match(r"HloModule\s+([\w.\-]+)", text)
+    comps: dict[str, list[str]] = {}  # computation -> its instruction names
+    instrs: dict[str, dict[str, Any]] = {}
+    shapes: dict[str, list[int] | None] = {}
+    current = None
+    for line in text.splitlines():
+        c = _COMP_RE.match(line)
+        if c:
+            current = c.group(1)
+            comps[current] = []
+            for name, shape in _PARAM_RE.findall(c.group(2)):
+                shapes[name] = _dims(shape)
+            continue
+        m = _INSTR_RE.match(line)
+        if not m or current is None:
+            continue
+        name, shape, opcode, rest = m.groups()
+        shapes[name] = _dims(shape)
+        comps[current].append(name)
+        calls = re.findall(
+            r"(?:calls|to_apply|body|condition|called_computations)=\{?([^,}\s]+(?:,\s*%[^,}\s]+)*)", rest
+        )
+        called = [x.strip().lstrip("%") for group in calls for x in group.split(",")]
+        target = re.search(r'custom_call_target="([^"]+)"', rest)
+        op_name = re.search(r'op_name="([^"]+)"', rest)
+        flops = 0
+        if opcode == "dot":
+            operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+            lhs, out = shapes.get(operands[0]) if operands else None, _dims(shape)
+            if lhs is not None and out is not None and contracting:
+                k = 1
+                for i in (int(x) for x in contracting.group(1).split(",") if x):
+                    k *= lhs[i]
+                n_out = 1
+                for x in out:
+                    n_out *= x
+                flops = 2 * n_out * k
+        instrs[name] = {
+            "opcode": opcode,
+            "called": called,
+            "target": target.group(1) if target else None,
+            "op_name": op_name.group(1) if op_name else None,
+            "dot_flops": flops,
+        }
+
+    def inner(name: str, seen: set[str]) -> tuple[set[str], int]:
+        ops, flops = {instrs[name]["opcode"]}, instrs[name]["dot_flops"]
+        if instrs[name]["opcode"] in _CONTAINERS:
+            return ops, flops  # its body runs as separate thunks with their own events
+        for comp in instrs[name]["called"]:
+            if comp in seen:
+                continue
+            seen.add(comp)
+            for sub in comps.get(comp, []):
+                o, f = inner(sub, seen)
+                ops |= o
+                flops += f
+        return ops, flops
+
+    for name, info in instrs.items():
+        info["ops"], info["dot_flops"] = inner(name, set())
+    return (module.group(1) if module else ""), instrs
+
+
+def classify_op(info: dict[str, Any] | None) -> str | None:
+    """The breakdown category of one HLO instruction (None: a container, not counted)."""
+    if info is None:
+        return "other"
+    ops = info["ops"]
+    if info["opcode"] in _CONTAINERS:
+        return None
+    if ops & {"dot", "convolution"}:
+        return "dot"
+    if (info["target"] or "").lower() == "topk" or ops & {"topk", "sort"}:
+        return "topk"
+    if ops & (_EXP_OPS | _REDUCE_OPS):
+        return "exp_reduce"
+    if ops - {"fusion"} <= _DATA_MOVEMENT:
+        return "copy_fill"
+    return "other"
+
+
+def read_trace_events(trace_dir: str) -> list[dict[str, Any]]:
+    """The complete ('X') events of the profiler's Chrome-format trace under `trace_dir` (the perfetto JSON
+    that create_perfetto_trace=True writes, else the *.trace.json.gz next to the xplane)."""
+    import glob
+    import gzip
+
+    found = glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True)
+    found = found or glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    if not found:
+        raise RuntimeError(f"no trace JSON under {trace_dir}")
+    with gzip.open(sorted(found)[-1], "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return [e for e in events if e.get("ph") == "X"]
+
+
+def op_breakdown(events, module: str, instrs: dict[str, dict[str, Any]], top: int = 5) -> dict[str, Any]:
+    """Per category, the summed duration (ms per call) of the module's op events (args.hlo_op), divided by
+    the number of executions (distinct args.run_id) traced."""
+    runs: set[str] = set()
+    per_op: dict[str, list[float]] = {}  # name -> [total us, executions]
+    for e in events:
+        a = e.get("args") or {}
+        if a.get("hlo_module") != module or "hlo_op" not in a:
+            continue
+        runs.add(a.get("run_id"))
+        acc = per_op.setdefault(a["hlo_op"], [0.0, 0])
+        acc[0] += float(e.get("dur", 0.0))
+        acc[1] += 1
+    calls = max(len(runs), 1)
+    cats = {c: 0.0 for c in BREAKDOWN_CATEGORIES}
+    tops: dict[str, list[dict[str, Any]]] = {c: [] for c in BREAKDOWN_CATEGORIES}
+    with_exp = dot_flops = 0.0
+    skipped = 0.0
+    for name, (us, n) in per_op.items():
+        info = instrs.get(name)
+        cat = classify_op(info)
+        ms = us / 1e3 / calls
+        if cat is None:
+            skipped += ms
+            continue
+        cats[cat] += ms
+        if cat == "exp_reduce" and info["ops"] & _EXP_OPS:
+            with_exp += ms
+        if cat == "dot":
+            dot_flops += info["dot_flops"] * n / calls
+        trivial = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element", "fusion"}
+        tops[cat].append(
+            {
+                "name": name,
+                "ms": ms,
+                "executions_per_call": n / calls,
+                "ops": sorted(info["ops"] - trivial) if info else ["(not in the HLO)"],
+                "op_name": info["op_name"] if info else None,
+            }
+        )
+    total = sum(cats.values())
+    return {
+        "traced_executions": len(runs),
+        "categories_ms": cats,
+        "categories_fraction": {c: (v / total if total else 0.0) for c, v in cats.items()},
+        "exp_reduce_split_ms": {"with_exp_ms": with_exp, "reduce_only_ms": cats["exp_reduce"] - with_exp},
+        "ops_total_ms": total,
+        "containers_ms_not_counted": skipped,
+        "distinct_ops": {c: len(v) for c, v in tops.items()},
+        "top_ops": {c: sorted(v, key=lambda x: -x["ms"])[:top] for c, v in tops.items()},
+        "dot_flops_per_call": dot_flops,
+    }
+
+
+def breakdown(shape, dim: int, repeats: int, traced_calls: int, max_run_bytes: float) -> dict[str, Any]:
+    """One (N, V) shape on one device, FNC's official default loss + gradient for both low_memory values:
+    untimed warm-up, `repeats` timed calls (each paired with the matmul rate sampled before its round, as in
+    `matmul_bound`), then `traced_calls` calls under `jax.profiler.trace` into a temporary directory; the
+    trace's XLA:CPU op events are summed per category (`_BREAKDOWN_RULES`) from the compiled HLO."""
+    import tempfile
+
+    import jax
+
+    from benchmarks.common import matmul_rate
+
+    global_batch, views = shape
+    rates: list[dict[str, Any]] = [matmul_rate()]
+    prepared = []
+    for low in (True, False):
+        compiled: list[Any] = []
+        entry, run = prepare_point(
+            "in_batch", "attraction", low, 1, views, global_batch, dim, 0, max_run_bytes, compiled_out=compiled
+        )
+        prepared.append((entry, run, parse_hlo(compiled[0].as_text())))
+    times: list[list[float]] = [[] for _ in prepared]
+    over: list[list[float]] = [[] for _ in prepared]
+    for _ in range(repeats):
+        rates.append(matmul_rate(repeats=1))
+        rate = rates[-1]["matmul_gflops_per_s"] * 1e9
+        for i, (entry, run, _) in enumerate(prepared):
+            if run is not None:
+                run()  # discarded: a call right after numpy's matmul runs slower (see matmul_bound)
+                times[i].append(run())
+                over[i].append(times[i][-1] / (BOUND_PASSES[entry["low_memory"]] * entry["flops_per_pass"] / rate))
+    rows = []
+    for (entry, run, (module, instrs)), ts, rs in zip(prepared, times, over):
+        passes = BOUND_PASSES[entry["low_memory"]]
+        row: dict[str, Any] = {
+            "global_batch_N": global_batch,
+            "views_V": views,
+            "low_memory": entry["low_memory"],
+            "path": "default" if entry["low_memory"] else "fast",
+            "bound_passes": passes,
+            "flops_per_pass": entry["flops_per_pass"],
+            "temp_mib": entry["compiled_per_device"].get("temp_bytes", float("nan")) / 2**20,
+        }
+        if run is None:
+            row["skipped"] = entry["skipped"]
+            rows.append(row)
+            continue
+        with tempfile.TemporaryDirectory(prefix="fnc_breakdown_") as tmp:
+            run()
+            traced = []
+            with jax.profiler.trace(tmp, create_perfetto_trace=True):
+                for _ in range(traced_calls):
+                    traced.append(run())
+            events = read_trace_events(tmp)
+        ops = op_breakdown(events, module, instrs)
+        rate = statistics.median(r["matmul_gflops_per_s"] for r in rates) * 1e9
+        traced_wall = statistics.mean(traced) * 1e3
+        dot_ms = ops["categories_ms"]["dot"]
+        dot_gflops = ops["dot_flops_per_call"] / (dot_ms / 1e3) / 1e9 if dot_ms > 0 else 0.0
+        row.update(
+            wall_ms=statistics.median(ts) * 1e3,
+            wall_ms_per_call=[t * 1e3 for t in ts],
+            over_bound=statistics.median(rs),
+            over_bound_best=min(rs),
+            traced_wall_ms=traced_wall,
+            traced_wall_ms_per_call=[t * 1e3 for t in traced],
+            **ops,
+            ops_total_over_traced_wall=ops["ops_total_ms"] / traced_wall,
+            matmul_rate_median_gflops_per_s=rate / 1e9,
+            bound_ms=passes * entry["flops_per_pass"] / rate * 1e3,
+            dot_analytic_flops_per_call=passes * entry["flops_per_pass"],
+            dot_gflops_per_s=dot_gflops,
+            dot_over_matmul_rate=dot_gflops * 1e9 / rate,
+            dot_ms_over_their_bound=rate / (dot_gflops * 1e9) if dot_gflops else float("nan"),
+            traced_wall_over_bound=traced_wall / (passes * entry["flops_per_pass"] / rate * 1e3),
+        )
+        cats = "  ".join(f"{c} {v:.1f}" for c, v in ops["categories_ms"].items())
+        log(
+            f"  N={global_batch} V={views} low_memory={entry['low_memory']!s:5s}: wall {row['wall_ms']:.1f} ms "
+            f"({row['over_bound']:.2f}x its {passes}-pass bound); traced {traced_wall:.1f} ms, ops "
+            f"{ops['ops_total_ms']:.1f} ms: {cats}; dots {dot_gflops:.0f} GFLOP/s = "
+            f"{row['dot_over_matmul_rate']:.2f} of the matmul rate"
+        )
+        rows.append(row)
+    rates.append(matmul_rate())
+    log(f"matmul rates: {[r['matmul_gflops_per_s'] for r in rates]} GFLOP/s")
+    return {
+        "meaning": "Per path, ms per call of the XLA:CPU ops of a jax.profiler trace (perfetto JSON, events with "
+        "args.hlo_op of the module, summed and divided by the traced executions), by category; the ops run one "
+        "after another, so ops_total_ms should be close to traced_wall_ms (the profiler adds some overhead to "
+        "the traced calls; wall_ms is untraced). dot_gflops_per_s: the dots' FLOPs (from the compiled HLO's dot "
+        "shapes, times their executions) over their traced time; dot_over_matmul_rate: that over the median "
+        "numpy matmul rate sampled in this run; over_bound: untraced call / (bound_passes * flops_per_pass / "
+        "the rate sampled just before it), median over calls, as in matmul_bound.",
+        "rules": _BREAKDOWN_RULES,
+        "matmul_rate": rates,
+        "rows": rows,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
 # Memory (compile only).
 
 
@@ -603,6 +925,7 @@ def plans(quick: bool, devices: int) -> dict[str, Any]:
             "repeats": 3,
             "memory": memory,
             "bound_shapes": [(64, 10)],
+            "breakdown_shape": (128, 10),
         }
     timing = []
     for n in (256, 1024):
@@ -628,6 +951,7 @@ def plans(quick: bool, devices: int) -> dict[str, Any]:
         "repeats": 5,
         "memory": memory,
         "bound_shapes": BOUND_SHAPES,
+        "breakdown_shape": BREAKDOWN_SHAPE,
     }
 
 
@@ -669,6 +993,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the comparison with the matmul-bound time (N x V = 256x10, 512x10, 1024x10, one device)",
     )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="only where one call's time goes: profiler trace of the default and fast paths at N x V = 1024x10 "
+        "(one device; --quick: 128x10), ms per op category, the dots' GFLOP/s against the matmul rate",
+    )
     parser.add_argument("--output", help="also write the JSON to this file")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)  # internal: JSON spec, one device count
     args = parser.parse_args(argv)
@@ -705,6 +1035,11 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     views, dim, mm = plan["views"], plan["dim"], plan["memory_multiplier"]
+    if args.breakdown:
+        shape = plan["breakdown_shape"]
+        log(f"breakdown of one call at N x V = {shape[0]}x{shape[1]} (profiler trace)")
+        result["breakdown"] = breakdown(shape, dim, plan["repeats"], 2 if args.quick else 3, args.max_run_bytes)
+        return _finish(result, start, args.output)
     log("against the matmul-bound time")
     result["matmul_bound"] = matmul_bound(plan["bound_shapes"], dim, plan["repeats"], args.max_run_bytes)
     if args.matmul_bound_only:

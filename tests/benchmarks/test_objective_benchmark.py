@@ -117,3 +117,36 @@ def test_quick_benchmark_against_the_matmul_bound(quick_result):
         assert len(r["over_bound_per_call"]) == quick_result["timing"]["repeats"]
         assert 0 < r["over_bound_best"] <= r["over_bound"] and math.isfinite(r["over_bound"])
         assert r["achieved_gflops_per_s"] > 0 and r["temp_mib"] > 0
+
+
+def test_breakdown_quick():
+    """`--breakdown --quick`: both paths traced, categories sane, the traced ops add up to about the wall time."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.objective", "--breakdown", "--quick"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(proc.stdout)
+    assert r["quick"] is True and "timing" not in r and "matmul_bound" not in r
+    b = r["breakdown"]
+    assert all(x["matmul_gflops_per_s"] > 0 for x in b["matmul_rate"])
+    rows = b["rows"]
+    assert {(x["path"], x["low_memory"], x["bound_passes"]) for x in rows} == {("default", True, 4), ("fast", False, 3)}
+    for x in rows:
+        cats = x["categories_ms"]
+        assert set(cats) == {"dot", "exp_reduce", "topk", "copy_fill", "other"}
+        assert all(v >= 0 and math.isfinite(v) for v in cats.values())
+        assert cats["dot"] > 0 and cats["exp_reduce"] > 0 and cats["topk"] > 0
+        assert math.isclose(sum(cats.values()), x["ops_total_ms"])
+        assert x["traced_executions"] >= 1
+        assert 0.5 < x["ops_total_ms"] / x["traced_wall_ms"] < 1.5, x
+        # The dots' FLOPs from the HLO cover the analytic passes (plus the small positives' dot).
+        assert 1.0 <= x["dot_flops_per_call"] / x["dot_analytic_flops_per_call"] < 1.2
+        assert x["dot_gflops_per_s"] > 0 and x["dot_over_matmul_rate"] > 0
+        assert x["over_bound"] > 0 and x["wall_ms"] > 0
+        for cat, tops in x["top_ops"].items():
+            assert len(tops) <= 5 and all(t["ms"] >= 0 for t in tops), cat
+        assert x["top_ops"]["dot"] and all("dot" in t["ops"] for t in x["top_ops"]["dot"])
