@@ -507,7 +507,11 @@ _BREAKDOWN_RULES = {
     "topk": "custom-call TopK, or an op/fusion containing topk or sort",
     "exp_reduce": "a fusion/op containing exponential or log (`with_exp_ms`), or else a reduce (row sums, max "
     "aggregations: `reduce_only_ms`)",
-    "copy_fill": "an op/fusion made only of data movement: " + ", ".join(sorted(_DATA_MOVEMENT)),
+    "copy_fill": "an op/fusion made only of data movement ("
+    + ", ".join(sorted(_DATA_MOVEMENT))
+    + "), or a fusion whose root is one of these and whose arithmetic ops produce at most 1/8 of the elements "
+    "it writes (a dynamic-update-slice writes its update): e.g. the zero-fill of a buffer by a broadcast of a "
+    "scalar computed from x",
     "other": "the rest (element-wise select / add / maximum ... fusions), and trace ops absent from the HLO",
     "skipped": "while / conditional / call thunks (they contain the leaves' events); the first matching rule "
     "wins, in the order dot, topk, exp_reduce, copy_fill, other",
@@ -525,14 +529,26 @@ def _dims(shape: str) -> list[int] | None:
     return [int(x) for x in m.group(1).split(",") if x]
 
 
+def _elements(dims: list[int] | None) -> int:
+    """Elements of an array shape (1 for a scalar; 0 when unknown)."""
+    if dims is None:
+        return 0
+    n = 1
+    for x in dims:
+        n *= x
+    return n
+
+
 def parse_hlo(text: str) -> tuple[str, dict[str, dict[str, Any]]]:
     """The module name and, per instruction name of an (optimized) HLO module's text: opcode, the opcodes
-    inside it (a fusion's called computations, transitively), its dot FLOPs, custom-call target and
-    metadata op_name."""
+    inside it (a fusion's called computations, transitively), its dot FLOPs, custom-call target, metadata
+    op_name, the opcode of a fusion's root, the elements it writes (a dynamic-update-slice root: its update)
+    and the largest array its arithmetic (non data-movement) ops produce."""
     module = re.match(r"HloModule\s+([\w.\-]+)", text)
     comps: dict[str, list[str]] = {}  # computation -> its instruction names
     instrs: dict[str, dict[str, Any]] = {}
     shapes: dict[str, list[int] | None] = {}
+    roots: dict[str, str] = {}  # computation -> its ROOT instruction
     current = None
     for line in text.splitlines():
         c = _COMP_RE.match(line)
@@ -548,6 +564,9 @@ def parse_hlo(text: str) -> tuple[str, dict[str, dict[str, Any]]]:
         name, shape, opcode, rest = m.groups()
         shapes[name] = _dims(shape)
         comps[current].append(name)
+        if line.lstrip().startswith("ROOT"):
+            roots[current] = name
+        operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
         calls = re.findall(
             r"(?:calls|to_apply|body|condition|called_computations)=\{?([^,}\s]+(?:,\s*%[^,}\s]+)*)", rest
         )
@@ -556,7 +575,6 @@ def parse_hlo(text: str) -> tuple[str, dict[str, dict[str, Any]]]:
         op_name = re.search(r'op_name="([^"]+)"', rest)
         flops = 0
         if opcode == "dot":
-            operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
             contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
             lhs, out = shapes.get(operands[0]) if operands else None, _dims(shape)
             if lhs is not None and out is not None and contracting:
@@ -573,6 +591,8 @@ def parse_hlo(text: str) -> tuple[str, dict[str, dict[str, Any]]]:
             "target": target.group(1) if target else None,
             "op_name": op_name.group(1) if op_name else None,
             "dot_flops": flops,
+            "operands": operands,
+            "elements": _elements(shapes[name]),
         }
 
     def inner(name: str, seen: set[str]) -> tuple[set[str], int]:
@@ -589,8 +609,26 @@ def parse_hlo(text: str) -> tuple[str, dict[str, dict[str, Any]]]:
                 flops += f
         return ops, flops
 
+    def arithmetic_elements(name: str, seen: set[str]) -> int:
+        info, most = instrs[name], 0
+        if info["opcode"] not in _DATA_MOVEMENT | {"fusion"}:
+            most = info["elements"]
+        for comp in info["called"]:
+            if comp not in seen and info["opcode"] not in _CONTAINERS:
+                seen.add(comp)
+                most = max([most] + [arithmetic_elements(sub, seen) for sub in comps.get(comp, [])])
+        return most
+
     for name, info in instrs.items():
         info["ops"], info["dot_flops"] = inner(name, set())
+        root = instrs.get(roots.get(info["called"][0], "")) if info["opcode"] == "fusion" and info["called"] else None
+        root = root or info
+        info["root"] = root["opcode"]
+        written = root["elements"]
+        if root["opcode"] == "dynamic-update-slice" and len(root["operands"]) > 1:
+            written = _elements(shapes.get(root["operands"][1]))
+        info["written_elements"] = written
+        info["arithmetic_elements"] = arithmetic_elements(name, set())
     return (module.group(1) if module else ""), instrs
 
 
@@ -609,6 +647,8 @@ def classify_op(info: dict[str, Any] | None) -> str | None:
         return "exp_reduce"
     if ops - {"fusion"} <= _DATA_MOVEMENT:
         return "copy_fill"
+    if info["root"] in _DATA_MOVEMENT and info["arithmetic_elements"] * 8 <= info["written_elements"]:
+        return "copy_fill"  # e.g. a zero-fill: a broadcast of a scalar computed from one element of x
     return "other"
 
 
@@ -666,6 +706,9 @@ def op_breakdown(events, module: str, instrs: dict[str, dict[str, Any]], top: in
                 "executions_per_call": n / calls,
                 "ops": sorted(info["ops"] - trivial) if info else ["(not in the HLO)"],
                 "op_name": info["op_name"] if info else None,
+                "root": info["root"] if info else None,
+                "written_elements": info["written_elements"] if info else None,
+                "arithmetic_elements": info["arithmetic_elements"] if info else None,
             }
         )
     total = sum(cats.values())

@@ -139,7 +139,7 @@ def test_breakdown_quick():
         cats = x["categories_ms"]
         assert set(cats) == {"dot", "exp_reduce", "topk", "copy_fill", "other"}
         assert all(v >= 0 and math.isfinite(v) for v in cats.values())
-        assert cats["dot"] > 0 and cats["exp_reduce"] > 0 and cats["topk"] > 0
+        assert cats["dot"] > 0 and cats["exp_reduce"] > 0 and cats["topk"] > 0 and cats["copy_fill"] > 0
         assert math.isclose(sum(cats.values()), x["ops_total_ms"])
         assert x["traced_executions"] >= 1
         assert 0.5 < x["ops_total_ms"] / x["traced_wall_ms"] < 1.5, x
@@ -150,3 +150,101 @@ def test_breakdown_quick():
         for cat, tops in x["top_ops"].items():
             assert len(tops) <= 5 and all(t["ms"] >= 0 for t in tops), cat
         assert x["top_ops"]["dot"] and all("dot" in t["ops"] for t in x["top_ops"]["dot"])
+
+
+# A cut-down optimized XLA:CPU module (the shapes of the fast path's ops): a matmul in a __ynn_fusion, a
+# zero-fill (broadcast of a scalar computed from x), a tile store (dynamic-update-slice with index
+# arithmetic), an exp + row sum, an element-wise maximum, TopK and a while loop.
+HLO = """HloModule jit_loss, is_scheduled=true
+
+%fused_dot (p0: f32[1024,128], p1: f32[512,128]) -> f32[1024,512] {
+  %p0 = f32[1024,128]{1,0} parameter(0)
+  %p1 = f32[512,128]{1,0} parameter(1)
+  ROOT %dot_general.1 = f32[1024,512]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={1}
+}
+
+%fill (q0: f32[10,1024,128]) -> f32[10,20,1024,512] {
+  %q0 = f32[10,1024,128]{2,1,0} parameter(0)
+  %slice.1 = f32[1,1,1]{2,1,0} slice(%q0), slice={[0:1], [0:1], [0:1]}
+  %c = f32[1,1,1]{2,1,0} constant({ { {0} } })
+  %mul.1 = f32[1,1,1]{2,1,0} multiply(%slice.1, %c)
+  %bitcast.1 = f32[] bitcast(%mul.1)
+  ROOT %b = f32[10,20,1024,512]{3,2,1,0} broadcast(%bitcast.1), dimensions={}
+}
+
+%store (r0: f32[10,20,1024,512], r1: s32[], r2: f32[1024,512]) -> f32[10,20,1024,512] {
+  %r0 = f32[10,20,1024,512]{3,2,1,0} parameter(0)
+  %r2 = f32[1024,512]{1,0} parameter(2)
+  %bitcast.2 = f32[1,1,1024,512]{3,2,1,0} bitcast(%r2)
+  %r1 = s32[] parameter(1)
+  %k = s32[] constant(10)
+  %add.1 = s32[] add(%r1, %k)
+  %z = s32[] constant(0)
+  ROOT %dus = f32[10,20,1024,512]{3,2,1,0} dynamic-update-slice(%r0, %bitcast.2, %add.1, %r1, %z, %z)
+}
+
+%sum (s0: f32[], s1: f32[]) -> f32[] {
+  %s0 = f32[] parameter(0)
+  %s1 = f32[] parameter(1)
+  ROOT %add.2 = f32[] add(%s0, %s1)
+}
+
+%expsum (t0: f32[1024,512]) -> f32[1024] {
+  %t0 = f32[1024,512]{1,0} parameter(0)
+  %exp.1 = f32[1024,512]{1,0} exponential(%t0)
+  %zero = f32[] constant(0)
+  ROOT %reduce.1 = f32[1024]{0} reduce(%exp.1, %zero), dimensions={1}, to_apply=%sum
+}
+
+%wrapped_maximum_computation (u0: f32[1024,512], u1: f32[1024,512]) -> f32[1024,512] {
+  %u0 = f32[1024,512]{1,0} parameter(0)
+  %u1 = f32[1024,512]{1,0} parameter(1)
+  ROOT %maximum.1 = f32[1024,512]{1,0} maximum(%u0, %u1)
+}
+
+ENTRY %main.1 (x.1: f32[10,1024,128], a.1: f32[1024,128], b.1: f32[512,128], i.1: s32[]) -> f32[1024,512] {
+  %x.1 = f32[10,1024,128]{2,1,0} parameter(0)
+  %a.1 = f32[1024,128]{1,0} parameter(1)
+  %b.1 = f32[512,128]{1,0} parameter(2)
+  %i.1 = s32[] parameter(3)
+  %ynn_fusion.1 = f32[1024,512]{1,0} fusion(%a.1, %b.1), kind=kCustom, calls=%fused_dot, metadata={op_name="jit(loss)/dot_general"}, backend_config={"fusion_config":{"kind":"__ynn_fusion"}}
+  %bitcast_broadcast_fusion.1 = f32[10,20,1024,512]{3,2,1,0} fusion(%x.1), kind=kLoop, calls=%fill
+  %store_fusion = f32[10,20,1024,512]{3,2,1,0} fusion(%bitcast_broadcast_fusion.1, %i.1, %ynn_fusion.1), kind=kLoop, calls=%store
+  %ynn_fusion = f32[1024]{0} fusion(%ynn_fusion.1), kind=kCustom, calls=%expsum
+  %wrapped_maximum = f32[1024,512]{1,0} fusion(%ynn_fusion.1, %ynn_fusion.1), kind=kLoop, calls=%wrapped_maximum_computation
+  %custom-call = (f32[1024,10]{1,0}, s32[1024,10]{1,0}) custom-call(%ynn_fusion.1), custom_call_target="TopK"
+  ROOT %copy.1 = f32[1024,512]{1,0} copy(%wrapped_maximum)
+}
+"""
+
+
+def test_breakdown_categories_from_hlo():
+    from benchmarks.objective import classify_op, op_breakdown, parse_hlo
+
+    module, instrs = parse_hlo(HLO)
+    assert module == "jit_loss"
+    assert instrs["ynn_fusion.1"]["dot_flops"] == 2 * 1024 * 512 * 128
+    expected = {
+        "ynn_fusion.1": "dot",
+        "bitcast_broadcast_fusion.1": "copy_fill",  # zero-fill: arithmetic on one element only
+        "store_fusion": "copy_fill",  # tile store: index arithmetic only
+        "ynn_fusion": "exp_reduce",
+        "wrapped_maximum": "other",
+        "custom-call": "topk",
+        "copy.1": "copy_fill",
+    }
+    assert {name: classify_op(instrs[name]) for name in expected} == expected
+    assert instrs["store_fusion"]["written_elements"] == 1024 * 512  # the update, not the buffer
+
+    def event(name, dur, run):
+        args = {"hlo_module": "jit_loss", "hlo_op": name, "run_id": run}
+        return {"ph": "X", "name": name, "dur": dur, "args": args}
+
+    events = [event(n, 1000.0, r) for r in ("1", "2") for n in expected] + [event("while.3", 9000.0, "1")]
+    events.append({"ph": "X", "name": "unrelated", "dur": 5.0, "args": {"hlo_module": "other", "hlo_op": "x"}})
+    instrs["while.3"] = {**instrs["copy.1"], "opcode": "while"}
+    out = op_breakdown(events, module, instrs)
+    assert out["traced_executions"] == 2
+    assert out["categories_ms"] == {"dot": 1.0, "exp_reduce": 1.0, "topk": 1.0, "copy_fill": 3.0, "other": 1.0}
+    assert out["containers_ms_not_counted"] == 4.5 and out["ops_total_ms"] == 7.0
+    assert out["dot_flops_per_call"] == 2 * 1024 * 512 * 128
