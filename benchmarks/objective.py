@@ -737,6 +737,7 @@ def breakdown(shape, dim: int, repeats: int, traced_calls: int, max_run_bytes: f
     from benchmarks.common import matmul_rate
 
     global_batch, views = shape
+    load = {"start": os.getloadavg()} if hasattr(os, "getloadavg") else {}
     rates: list[dict[str, Any]] = [matmul_rate()]
     prepared = []
     for low in (True, False):
@@ -810,7 +811,10 @@ def breakdown(shape, dim: int, repeats: int, traced_calls: int, max_run_bytes: f
         rows.append(row)
     rates.append(matmul_rate())
     log(f"matmul rates: {[r['matmul_gflops_per_s'] for r in rates]} GFLOP/s")
+    if load:
+        load["end"] = os.getloadavg()
     return {
+        "load_average_1_5_15min": load,
         "meaning": "Per path, ms per call of the XLA:CPU ops of a jax.profiler trace (perfetto JSON, events with "
         "args.hlo_op of the module, summed and divided by the traced executions), by category; the ops run one "
         "after another, so ops_total_ms should be close to traced_wall_ms (the profiler adds some overhead to "
