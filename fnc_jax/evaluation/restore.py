@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import jax
@@ -60,10 +61,15 @@ class PretrainedSource:
         return "random initialisation" if self.step_dir is None else f"{self.step_dir} (step {self.step})"
 
 
+def _absolute(path: str) -> epath.Path:
+    """Local paths made absolute: through a relative one, orbax's metadata reads silently return None."""
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 def find_checkpoint(pretrained: ml_collections.ConfigDict) -> PretrainedSource:
     """Resolves `config.pretrained` to a complete checkpoint step directory; errors name the field."""
     if pretrained.checkpoint:
-        step_dir = epath.Path(pretrained.checkpoint)
+        step_dir = _absolute(pretrained.checkpoint)
         if not (step_dir / ITEM).is_dir():
             raise errors.InputNotFoundError(
                 f"config.pretrained.checkpoint={pretrained.checkpoint!r} is not a checkpoint step directory "
@@ -72,7 +78,7 @@ def find_checkpoint(pretrained: ml_collections.ConfigDict) -> PretrainedSource:
         step = int(step_dir.name) if step_dir.name.isdigit() else None
         return PretrainedSource(step_dir, step, _read_run_config(step_dir.parent.parent))
     if pretrained.workdir:
-        workdir = epath.Path(pretrained.workdir)
+        workdir = _absolute(pretrained.workdir)
         directory = workdir / "checkpoints"
         steps = []
         if directory.is_dir():

@@ -187,6 +187,21 @@ def test_find_checkpoint_latest_explicit_and_errors(pretrained, tiny_data):
         restore.find_checkpoint(c.pretrained)
 
 
+def test_a_relative_pretrained_path_restores_like_an_absolute_one(pretrained, tiny_data, monkeypatch):
+    # orbax returns no tree metadata through a relative path; the network must still load.
+    monkeypatch.chdir(pretrained.workdir.parent)
+    c = eval_config("default_linear_eval", pretrained, tiny_data)
+    for field, value in (
+        ("workdir", pretrained.workdir.name),
+        ("checkpoint", f"{pretrained.workdir.name}/checkpoints/2"),
+    ):
+        c.pretrained.workdir, c.pretrained.checkpoint = "", ""
+        c.pretrained[field] = value
+        source = restore.find_checkpoint(c.pretrained)
+        assert source.step_dir == pretrained.workdir / "checkpoints" / "2", field
+        assert "params" in restore.read_tree_metadata(source.step_dir), field
+
+
 def test_model_mismatch_is_refused_before_compiling(pretrained, tiny_data):
     c = eval_config("default_linear_eval", pretrained, tiny_data)
     c.model.width_multiplier = 0.5
