@@ -23,3 +23,9 @@ study --grid=threshold
 study --grid=debiased
 study --grid=fnc
 "$PY" -m fnc_jax.study --grid=all --out="$OUT" --report-only --readme=README.md
+# The FN analysis mode on the best long-recipe checkpoint of the baseline and of FNC (by kNN@20; the README
+# explains the selection with it). The checkpoints stay in the run dirs (not in git).
+for run in long_multiview/seed2 long_fnc_attraction/seed0; do
+  "$PY" -m fnc_jax.main --config=configs/default_fn_analysis.py --workdir="$OUT/fn_analysis/${run/\//_}" \
+    --config.pretrained.workdir="$OUT/runs/$run" || echo "fn analysis of $run failed"
+done
