@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -403,6 +404,37 @@ def timing_ratios(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 BOUND_PASSES = {True: 4, False: 3}
 
 
+def _bound_row(entry: dict[str, Any], global_batch: int, views: int) -> dict[str, Any]:
+    """The shape, path and bound of one prepared point: the common head of a matmul-bound / breakdown row."""
+    return {
+        "global_batch_N": global_batch,
+        "views_V": views,
+        "low_memory": entry["low_memory"],
+        "bound_passes": BOUND_PASSES[entry["low_memory"]],
+        "flops_per_pass": entry["flops_per_pass"],
+        "temp_mib": entry["compiled_per_device"].get("temp_bytes", float("nan")) / 2**20,
+    }
+
+
+def _paired_calls(prepared, repeats: int, rates: list[dict[str, Any]]) -> tuple[list[list[float]], list[list[float]]]:
+    """Per prepared (entry, run, ...): `repeats` call times (s) and their ratios to the bound at the matmul
+    rate sampled just before each round (appended to `rates`). Each timed call follows an untimed one:
+    right after numpy's matmul a call is 30-50% slower (its threads)."""
+    from benchmarks.common import matmul_rate
+
+    times: list[list[float]] = [[] for _ in prepared]
+    ratios: list[list[float]] = [[] for _ in prepared]
+    for _ in range(repeats):
+        rates.append(matmul_rate(repeats=1))
+        rate = rates[-1]["matmul_gflops_per_s"] * 1e9
+        for i, (entry, run, *_) in enumerate(prepared):
+            if run is not None:
+                run()
+                times[i].append(run())
+                ratios[i].append(times[i][-1] / (BOUND_PASSES[entry["low_memory"]] * entry["flops_per_pass"] / rate))
+    return times, ratios
+
+
 def matmul_bound(shapes, dim: int, repeats: int, max_run_bytes: float) -> dict[str, Any]:
     """Per (N, V) shape on one device, FNC's official default loss + gradient for both low_memory values:
     time over the matmul-bound time (passes * flops_per_pass / the machine's matmul rate), achieved GFLOP/s
@@ -410,8 +442,7 @@ def matmul_bound(shapes, dim: int, repeats: int, max_run_bytes: float) -> dict[s
 
     The matmul rate is sampled before every round of calls (`benchmarks.common.matmul_rate`, one product),
     and each call is compared with the rate just before it: on a shared machine the rate drifts by 2x
-    within a run, so paired ratios (their median and their best) are what stays comparable. Each timed
-    call follows an untimed one: right after numpy's matmul a call is 30-50% slower.
+    within a run, so paired ratios (their median and their best) are what stays comparable (`_paired_calls`).
     """
     from benchmarks.common import matmul_rate
 
@@ -422,28 +453,10 @@ def matmul_bound(shapes, dim: int, repeats: int, max_run_bytes: float) -> dict[s
             prepare_point("in_batch", "attraction", low, 1, views, global_batch, dim, 0, max_run_bytes)
             for low in (True, False)
         ]
-        ratios: list[list[float]] = [[] for _ in prepared]
-        times: list[list[float]] = [[] for _ in prepared]
-        for _ in range(repeats):
-            rates.append(matmul_rate(repeats=1))
-            rate = rates[-1]["matmul_gflops_per_s"] * 1e9
-            for i, (entry, run) in enumerate(prepared):
-                if run is not None:
-                    run()  # discarded: a call right after numpy's matmul runs 30-50% slower (its threads)
-                    times[i].append(run())
-                    bound = BOUND_PASSES[entry["low_memory"]] * entry["flops_per_pass"] / rate
-                    ratios[i].append(times[i][-1] / bound)
+        times, ratios = _paired_calls(prepared, repeats, rates)
         for (entry, run), ts, rs in zip(prepared, times, ratios):
             passes = BOUND_PASSES[entry["low_memory"]]
-            row = {
-                "global_batch_N": global_batch,
-                "views_V": views,
-                "low_memory": entry["low_memory"],
-                "bound_passes": passes,
-                "flops_per_pass": entry["flops_per_pass"],
-                "temp_mib": entry["compiled_per_device"].get("temp_bytes", float("nan")) / 2**20,
-                "compile_s": entry["compile_s"],
-            }
+            row = {**_bound_row(entry, global_batch, views), "compile_s": entry["compile_s"]}
             if run is None:
                 row["skipped"] = entry["skipped"]
             else:
@@ -531,12 +544,7 @@ def _dims(shape: str) -> list[int] | None:
 
 def _elements(dims: list[int] | None) -> int:
     """Elements of an array shape (1 for a scalar; 0 when unknown)."""
-    if dims is None:
-        return 0
-    n = 1
-    for x in dims:
-        n *= x
-    return n
+    return 0 if dims is None else math.prod(dims)
 
 
 def parse_hlo(text: str) -> tuple[str, dict[str, dict[str, Any]]]:
@@ -578,13 +586,8 @@ def parse_hlo(text: str) -> tuple[str, dict[str, dict[str, Any]]]:
             contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
             lhs, out = shapes.get(operands[0]) if operands else None, _dims(shape)
             if lhs is not None and out is not None and contracting:
-                k = 1
-                for i in (int(x) for x in contracting.group(1).split(",") if x):
-                    k *= lhs[i]
-                n_out = 1
-                for x in out:
-                    n_out *= x
-                flops = 2 * n_out * k
+                k = math.prod(lhs[int(i)] for i in contracting.group(1).split(",") if i)
+                flops = 2 * math.prod(out) * k
         instrs[name] = {
             "opcode": opcode,
             "called": called,
@@ -746,28 +749,11 @@ def breakdown(shape, dim: int, repeats: int, traced_calls: int, max_run_bytes: f
             "in_batch", "attraction", low, 1, views, global_batch, dim, 0, max_run_bytes, compiled_out=compiled
         )
         prepared.append((entry, run, parse_hlo(compiled[0].as_text())))
-    times: list[list[float]] = [[] for _ in prepared]
-    over: list[list[float]] = [[] for _ in prepared]
-    for _ in range(repeats):
-        rates.append(matmul_rate(repeats=1))
-        rate = rates[-1]["matmul_gflops_per_s"] * 1e9
-        for i, (entry, run, _) in enumerate(prepared):
-            if run is not None:
-                run()  # discarded: a call right after numpy's matmul runs slower (see matmul_bound)
-                times[i].append(run())
-                over[i].append(times[i][-1] / (BOUND_PASSES[entry["low_memory"]] * entry["flops_per_pass"] / rate))
+    times, over = _paired_calls(prepared, repeats, rates)
     rows = []
     for (entry, run, (module, instrs)), ts, rs in zip(prepared, times, over):
         passes = BOUND_PASSES[entry["low_memory"]]
-        row: dict[str, Any] = {
-            "global_batch_N": global_batch,
-            "views_V": views,
-            "low_memory": entry["low_memory"],
-            "path": "default" if entry["low_memory"] else "fast",
-            "bound_passes": passes,
-            "flops_per_pass": entry["flops_per_pass"],
-            "temp_mib": entry["compiled_per_device"].get("temp_bytes", float("nan")) / 2**20,
-        }
+        row = {**_bound_row(entry, global_batch, views), "path": "default" if entry["low_memory"] else "fast"}
         if run is None:
             row["skipped"] = entry["skipped"]
             rows.append(row)
