@@ -6,7 +6,8 @@ Usage (from the repository root):
 
 Prints ONE JSON object to stdout (progress goes to stderr). Sections:
 
-- `matmul_bound`: per N x V shape (256x10, 512x10, 1024x10; one device), the official default's loss +
+- `matmul_bound`: per N x V shape (256x10, 512x10, 1024x10; one device, in a process without simulated
+  devices, which slow a one-device computation by about 20%), the official default's loss +
   gradient for both `low_memory` values against its matmul-bound time: `bound_passes` (4 for the default,
   3 for the fast path) times one pass's FLOPs (2*V*B*C*d) at the machine's float32 matmul rate
   (`benchmarks.common.matmul_rate()`, sampled before every round of calls in the same run, each call
@@ -131,9 +132,16 @@ def matmul_passes(variant: str, mode: str, low_memory: bool) -> dict[str, int]:
 
 
 def analytic_flops(variant, mode, low_memory, views, local_batch, columns, dim) -> dict[str, Any]:
+    """The passes and FLOPs of `matmul_passes`; in-batch FNC on one device (the candidates are the anchors'
+    rows) computes `matmul_share` of each pass of the loss's denominator (its symmetric path)."""
+    from fnc_jax.objectives.denominator import symmetric_share
+
     per_pass = 2 * views * local_batch * columns * dim
     passes = matmul_passes(variant, mode, low_memory)
-    return {"matmul_passes": passes, "flops_per_pass": per_pass, "matmul_flops": per_pass * passes["total"]}
+    one_device = variant == "in_batch" and local_batch * views == columns and mode not in DEBIASED_MODES
+    share = symmetric_share(views, local_batch) if one_device else 1.0
+    flops = per_pass * (passes["fn_scores"] + share * (passes["total"] - passes["fn_scores"]))
+    return {"matmul_passes": passes, "flops_per_pass": per_pass, "matmul_share": share, "matmul_flops": flops}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,18 +420,21 @@ def _bound_row(entry: dict[str, Any], global_batch: int, views: int) -> dict[str
         "low_memory": entry["low_memory"],
         "bound_passes": BOUND_PASSES[entry["low_memory"]],
         "flops_per_pass": entry["flops_per_pass"],
+        "matmul_share": entry["matmul_share"],
+        "matmul_flops": entry["matmul_flops"],
         "temp_mib": entry["compiled_per_device"].get("temp_bytes", float("nan")) / 2**20,
     }
 
 
-def _paired_calls(prepared, repeats: int, rates: list[dict[str, Any]]) -> tuple[list[list[float]], list[list[float]]]:
-    """Per prepared (entry, run, ...): `repeats` call times (s) and their ratios to the bound at the matmul
-    rate sampled just before each round (appended to `rates`). Each timed call follows an untimed one:
+def _paired_calls(prepared, repeats: int, rates: list[dict[str, Any]]) -> tuple[list[list[float]], ...]:
+    """Per prepared (entry, run, ...): `repeats` call times (s), their ratios to the bound and to the call's
+    own matmul FLOPs (`matmul_flops`) at the matmul rate sampled just before each round (appended to `rates`). Each timed call follows an untimed one:
     right after numpy's matmul a call is 30-50% slower (its threads)."""
     from benchmarks.common import matmul_rate
 
     times: list[list[float]] = [[] for _ in prepared]
     ratios: list[list[float]] = [[] for _ in prepared]
+    own: list[list[float]] = [[] for _ in prepared]
     for _ in range(repeats):
         rates.append(matmul_rate(repeats=1))
         rate = rates[-1]["matmul_gflops_per_s"] * 1e9
@@ -432,7 +443,8 @@ def _paired_calls(prepared, repeats: int, rates: list[dict[str, Any]]) -> tuple[
                 run()
                 times[i].append(run())
                 ratios[i].append(times[i][-1] / (BOUND_PASSES[entry["low_memory"]] * entry["flops_per_pass"] / rate))
-    return times, ratios
+                own[i].append(times[i][-1] / (entry["matmul_flops"] / rate))
+    return times, ratios, own
 
 
 def matmul_bound(shapes, dim: int, repeats: int, max_run_bytes: float) -> dict[str, Any]:
@@ -453,8 +465,8 @@ def matmul_bound(shapes, dim: int, repeats: int, max_run_bytes: float) -> dict[s
             prepare_point("in_batch", "attraction", low, 1, views, global_batch, dim, 0, max_run_bytes)
             for low in (True, False)
         ]
-        times, ratios = _paired_calls(prepared, repeats, rates)
-        for (entry, run), ts, rs in zip(prepared, times, ratios):
+        times, ratios, own = _paired_calls(prepared, repeats, rates)
+        for (entry, run), ts, rs, os_ in zip(prepared, times, ratios, own):
             passes = BOUND_PASSES[entry["low_memory"]]
             row = {**_bound_row(entry, global_batch, views), "compile_s": entry["compile_s"]}
             if run is None:
@@ -466,12 +478,14 @@ def matmul_bound(shapes, dim: int, repeats: int, max_run_bytes: float) -> dict[s
                     over_bound_per_call=rs,
                     over_bound=statistics.median(rs),
                     over_bound_best=min(rs),
+                    over_own_matmuls=statistics.median(os_),
                     achieved_gflops_per_s=passes * entry["flops_per_pass"] / min(ts) / 1e9,
                 )
                 log(
                     f"  N={global_batch} V={views} low_memory={entry['low_memory']!s:5s}: median "
                     f"{row['median_ms']:8.1f} ms = {row['over_bound']:.2f}x its {passes}-pass bound (best "
-                    f"{row['over_bound_best']:.2f}x, {row['achieved_gflops_per_s']:.0f} GFLOP/s), temp "
+                    f"{row['over_bound_best']:.2f}x, {row['achieved_gflops_per_s']:.0f} GFLOP/s; "
+                    f"{row['over_own_matmuls']:.2f}x its own matmuls, share {row['matmul_share']:.3f}), temp "
                     f"{row['temp_mib']:.1f} MiB"
                 )
             rows.append(row)
@@ -480,7 +494,8 @@ def matmul_bound(shapes, dim: int, repeats: int, max_run_bytes: float) -> dict[s
     return {
         "meaning": "over_bound = median over calls of time / (bound_passes * flops_per_pass / the matmul rate "
         "sampled just before the call); over_bound_best the smallest; achieved_gflops_per_s counts the bound's "
-        "passes in the fastest call; one device, FNConfig() (official default)",
+        "passes in the fastest call; over_own_matmuls = the same against the call's own matmul_flops (the "
+        "symmetric path computes matmul_share of each pass); one device, FNConfig() (official default)",
         "matmul_rate": rates,
         "rows": rows,
     }
@@ -749,9 +764,9 @@ def breakdown(shape, dim: int, repeats: int, traced_calls: int, max_run_bytes: f
             "in_batch", "attraction", low, 1, views, global_batch, dim, 0, max_run_bytes, compiled_out=compiled
         )
         prepared.append((entry, run, parse_hlo(compiled[0].as_text())))
-    times, over = _paired_calls(prepared, repeats, rates)
+    times, over, own = _paired_calls(prepared, repeats, rates)
     rows = []
-    for (entry, run, (module, instrs)), ts, rs in zip(prepared, times, over):
+    for (entry, run, (module, instrs)), ts, rs, os_ in zip(prepared, times, over, own):
         passes = BOUND_PASSES[entry["low_memory"]]
         row = {**_bound_row(entry, global_batch, views), "path": "default" if entry["low_memory"] else "fast"}
         if run is None:
@@ -775,13 +790,14 @@ def breakdown(shape, dim: int, repeats: int, traced_calls: int, max_run_bytes: f
             wall_ms_per_call=[t * 1e3 for t in ts],
             over_bound=statistics.median(rs),
             over_bound_best=min(rs),
+            over_own_matmuls=statistics.median(os_),
             traced_wall_ms=traced_wall,
             traced_wall_ms_per_call=[t * 1e3 for t in traced],
             **ops,
             ops_total_over_traced_wall=ops["ops_total_ms"] / traced_wall,
             matmul_rate_median_gflops_per_s=rate / 1e9,
             bound_ms=passes * entry["flops_per_pass"] / rate * 1e3,
-            dot_analytic_flops_per_call=passes * entry["flops_per_pass"],
+            dot_analytic_flops_per_call=entry["matmul_flops"],
             dot_gflops_per_s=dot_gflops,
             dot_over_matmul_rate=dot_gflops * 1e9 / rate,
             dot_ms_over_their_bound=rate / (dot_gflops * 1e9) if dot_gflops else float("nan"),
@@ -879,12 +895,17 @@ def memory_points(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def memory_points_subprocess(spec: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
-    env = dict(os.environ)  # the worker replaces the device count in XLA_FLAGS itself
-    cmd = [sys.executable, "-m", "benchmarks.objective", "--memory-worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    # The worker replaces the device count in XLA_FLAGS itself.
+    return subprocess_json(["--memory-worker", json.dumps(spec)], timeout)
+
+
+def subprocess_json(flags: list[str], timeout: float = 1800) -> Any:
+    """The JSON this benchmark prints with `flags`, from a process of its own (its own device count)."""
+    cmd = [sys.executable, "-m", "benchmarks.objective", *flags]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=timeout)
     sys.stderr.write(proc.stderr)
     if proc.returncode != 0:
-        raise RuntimeError(f"memory worker for {spec['devices']} devices failed (rc {proc.returncode})")
+        raise RuntimeError(f"benchmarks.objective {flags[0]} failed (rc {proc.returncode})")
     return json.loads(proc.stdout)
 
 
@@ -1044,7 +1065,9 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = plans(args.quick, args.devices)
     in_process = max([args.devices] + [r for r in plan["memory"] if r <= max(args.devices, 8)])
-    set_device_count(in_process)
+    # The one-device sections run without simulated devices: forcing 8 host devices makes XLA:CPU run a
+    # one-device computation about 20% slower (the calls compete with the other devices' thread pools).
+    set_device_count(1 if args.matmul_bound_only or args.breakdown else in_process)
     start = time.perf_counter()
     import jax
 
@@ -1073,10 +1096,12 @@ def main(argv: list[str] | None = None) -> int:
         log(f"breakdown of one call at N x V = {shape[0]}x{shape[1]} (profiler trace)")
         result["breakdown"] = breakdown(shape, dim, plan["repeats"], 2 if args.quick else 3, args.max_run_bytes)
         return _finish(result, start, args.output)
-    log("against the matmul-bound time")
-    result["matmul_bound"] = matmul_bound(plan["bound_shapes"], dim, plan["repeats"], args.max_run_bytes)
     if args.matmul_bound_only:
+        log("against the matmul-bound time")
+        result["matmul_bound"] = matmul_bound(plan["bound_shapes"], dim, plan["repeats"], args.max_run_bytes)
         return _finish(result, start, args.output)
+    log("against the matmul-bound time (a subprocess with one device)")
+    result["matmul_bound"] = subprocess_json(["--matmul-bound-only"] + ["--quick"] * args.quick)["matmul_bound"]
     log(f"timing ({len(plan['timing'])} configurations, {plan['repeats']} interleaved repeats)")
     groups: dict[tuple, list] = {}
     for config in plan["timing"]:  # side by side per (variant, devices, N)

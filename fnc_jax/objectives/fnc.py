@@ -4,7 +4,8 @@ memory queue of EMA features (method §3, §5-7).
 Speed and memory: the denominator has a hand-written VJP over cache-sized tiles of the similarities
 (objectives/denominator.py): by default (`low_memory=True`) the backward recomputes the tiles (4 matmul
 passes, FN scores of the official defaults included; temporaries a few tiles and the (B, C) scores);
-`low_memory=False` keeps them (3 passes; memory the V (B, C) blocks).
+`low_memory=False` keeps them (3 passes; memory the V (B, C) blocks). In-batch on one device the
+similarities are symmetric and each pair of tiles is computed once: about half of those passes.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _objective(
     schedule: FNSchedule | None,
     step: Array | int,
     scores_are_anchors: bool,
-    grad_candidates: bool,
+    in_batch: bool,
     unit_norm: bool,
 ) -> tuple[Array, dict[str, Array]]:
     """Shared core of the in-batch and memory losses, on already normalised float32 features.
@@ -81,6 +82,8 @@ def _objective(
     `denominator` (hand-written VJP, block by block), the target mean from `_target_sums`.
     `scores_are_anchors`: the false-negative queries are the anchors themselves (and the score
     candidates the candidates), so with every view scoring, the scores are the loss's own similarities.
+    `in_batch`: the candidates are the gathered anchors (they carry gradient; on one device they are
+    the anchors' own rows), not a constant memory queue.
     `unit_norm`: anchors and candidates are l2-normalised (bounds the logits, see `denominator`).
     """
     num_views, batch = anchors.shape[:2]
@@ -105,16 +108,18 @@ def _objective(
     if fn.mode != "none" and not reuse:
         selection = false_negatives(score_queries, score_candidates, **selection_args)
     own_s = _own_similarities(anchors, candidates, num_samples, sample_offset)
+    # In-batch on one device the candidates are the anchors' own rows: the symmetric path.
+    symmetric = in_batch and num_samples == batch
     lse, scores = denominator_lse(
         anchors,
-        candidates,
+        None if symmetric else candidates,
         temperature,
         own_s,
         num_samples=num_samples,
         global_ids=global_ids,
         drop=selection.mask if fn.mode == "elimination" else None,
         aggregation=fn.aggregation if reuse else None,
-        grad_candidates=grad_candidates,
+        grad_candidates=in_batch,
         store_blocks=not low_memory,
         unit_norm=unit_norm,
     )
@@ -186,7 +191,7 @@ def fnc_loss(
         schedule=schedule,
         step=step,
         scores_are_anchors=fn.support_as_positives,
-        grad_candidates=True,
+        in_batch=True,
         unit_norm=hidden_norm,
     )
 
@@ -279,6 +284,6 @@ def fnc_memory_loss(
         schedule=schedule,
         step=step,
         scores_are_anchors=False,
-        grad_candidates=False,
+        in_batch=False,
         unit_norm=False,
     )

@@ -124,3 +124,43 @@ def test_several_tiles_per_view(mode, traced):
         loss_p, grad_p = jax.value_and_grad(lambda x: plain_loss(x, t, fn))(h)
         np.testing.assert_allclose(loss, loss_p, rtol=1e-6)
         np.testing.assert_allclose(grad, grad_p, atol=1e-7)
+
+
+@pytest.mark.parametrize("low_memory", [True, False])
+@pytest.mark.parametrize("fn_name", list(FNS))
+@pytest.mark.parametrize("v,b", [(3, 12), (2, 8)])  # tiles of 4: T = 9 (odd) and T = 4 (even), 3 and 2 per view
+def test_symmetric_path_equals_autodiff_with_many_tiles(v, b, fn_name, low_memory, monkeypatch):
+    # One device, static temperature: the symmetric path (each pair of tiles once). Tiny tiles put several
+    # sample blocks in each view, so pairs of tiles in the same view, in different views, and the mirrored
+    # score and drop blocks are all exercised.
+    from fnc_jax.objectives import denominator
+
+    monkeypatch.setattr(denominator, "_SQUARE_TILE_ELEMENTS", 16)
+    monkeypatch.setattr(denominator, "_MIN_TILE", 4)
+    calls = []
+    symmetric = denominator._symmetric_denominator
+    monkeypatch.setattr(denominator, "_symmetric_denominator", lambda *a: calls.append(a[0]) or symmetric(*a))
+    fn = FNS[fn_name]
+    h = clustered(v * 100 + b, v, b)
+    loss, grad = jax.value_and_grad(lambda x: fnc_loss(x, temperature=0.2, fn=fn, low_memory=low_memory)[0])(h)
+    loss_p, grad_p = jax.value_and_grad(lambda x: plain_loss(x, 0.2, fn))(h)
+    assert calls and calls[0].tile == 4 and calls[0].store_blocks == (not low_memory)
+    np.testing.assert_allclose(loss, loss_p, rtol=1e-6)
+    np.testing.assert_allclose(grad, grad_p, atol=1e-6)
+    assert np.abs(grad).max() > 1e-3
+
+
+def test_symmetric_path_is_only_taken_where_it_applies(monkeypatch):
+    from fnc_jax.objectives import denominator
+
+    calls = []
+    symmetric = denominator._symmetric_denominator
+    monkeypatch.setattr(denominator, "_symmetric_denominator", lambda *a: calls.append(1) or symmetric(*a))
+    h = clustered(2, 3, 8)
+    fnc_loss(h, temperature=0.2)
+    assert len(calls) == 1
+    fnc_loss(h, temperature=jnp.float32(0.2))  # traced temperature: no common shift is known
+    fnc_loss(h, temperature=0.2, hidden_norm=False)  # raw dot products: the logits are unbounded
+    ema = l2_normalize(h)
+    fnc_memory_loss(h, ema, ema.reshape(24, -1), temperature=0.2)  # the queue is not the anchors
+    assert len(calls) == 1
