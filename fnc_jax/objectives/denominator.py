@@ -214,28 +214,39 @@ def _backward(static: _Static, residuals, g):
 # rows and for its columns (the mirrored tile J, I is its transpose): about half the matmul work.
 
 
-def _square_tile(num_samples: int) -> int:
-    """The largest divisor Tt of N with Tt * Tt <= _SQUARE_TILE_ELEMENTS, so that a tile lies in one view."""
-    return max(c for c in range(1, num_samples + 1) if num_samples % c == 0 and c * c <= _SQUARE_TILE_ELEMENTS)
+def _square_tile(num_views: int, num_samples: int) -> int:
+    """The largest Tt with Tt * Tt <= _SQUARE_TILE_ELEMENTS that is a divisor of N (a tile lies in one view)
+    or k * N with k a divisor of Va (a tile holds k whole views: small N)."""
+    fits = [c for c in range(1, num_samples + 1) if num_samples % c == 0 and c * c <= _SQUARE_TILE_ELEMENTS]
+    fits += [k * num_samples for k in range(2, num_views + 1) if num_views % k == 0]
+    return max(c for c in fits if c * c <= _SQUARE_TILE_ELEMENTS)
 
 
 class _Tiles(NamedTuple):
     """The square tiles of the (M, M) similarities and how they map onto the (N, M) layout."""
 
-    rows: Array  # (M, d) the anchors, view-major
-    rows_t: Array  # (d, M): a plain left operand for the column gradients (module docstring)
+    rows: Array  # (T, Tt, d) the anchors, view-major, by tile
+    rows_t: Array  # (T, d, Tt): plain left operands for the column gradients (module docstring)
     size: int
     num_samples: int
 
     @property
     def count(self) -> int:
-        return self.rows.shape[0] // self.size
+        return self.rows.shape[0]
+
+    @property
+    def views_per_tile(self) -> int:
+        return max(1, self.size // self.num_samples)
+
+    @property
+    def sample_rows(self) -> int:
+        return min(self.size, self.num_samples)
 
     def z(self, tile: Array) -> Array:
-        return _tile_slice(self.rows, tile, self.size, 0)
+        return self.rows[tile]
 
     def z_t(self, tile: Array) -> Array:
-        return _tile_slice(self.rows_t, tile, self.size, 1)
+        return self.rows_t[tile]
 
     def similarities(self, tile_i: Array, tile_j: Array) -> Array:
         return _similarities(self.z(tile_i), self.z(tile_j))
@@ -243,13 +254,27 @@ class _Tiles(NamedTuple):
     def sample_start(self, tile: Array) -> Array:
         return (tile * self.size) % self.num_samples
 
+    def own_columns(self, iota_r: Array, iota_c: Array, tile_i: Array, tile_j: Array) -> Array:
+        """(Tt, Tt) bool: the row's and the column's images are the same (any views)."""
+        if self.views_per_tile > 1:  # whole views: the pattern is the same in every tile
+            return iota_r % self.num_samples == iota_c % self.num_samples
+        return iota_r + self.sample_start(tile_i) == iota_c + self.sample_start(tile_j)
+
     def block(self, x: Array, tile_i: Array, tile_j: Array) -> Array:
-        """The (Tt, Tt) block of an (N, M) array x for the rows of tile_i against the columns of tile_j."""
-        return jax.lax.dynamic_slice(x, (self.sample_start(tile_i), tile_j * self.size), (self.size, self.size))
+        """The (Tt, Tt) block of an (N, M) array x (a row per image) for the rows of tile_i against the
+        columns of tile_j."""
+        start = (self.sample_start(tile_i), tile_j * self.size)
+        block = jax.lax.dynamic_slice(x, start, (self.sample_rows, self.size))
+        return jnp.tile(block, (self.views_per_tile, 1))
 
     def add_block(self, x: Array, tile_i: Array, tile_j: Array, update: Array, combine=jnp.add) -> Array:
+        """x with the (Tt, Tt) update of the rows of tile_i against the columns of tile_j combined into its
+        (N, M) layout (several views of an image in one tile are combined first)."""
+        update = update.reshape(self.views_per_tile, self.sample_rows, self.size)
+        update = functools.reduce(combine, list(update))
         start = (self.sample_start(tile_i), tile_j * self.size)
-        return jax.lax.dynamic_update_slice(x, combine(self.block(x, tile_i, tile_j), update), start)
+        old = jax.lax.dynamic_slice(x, start, (self.sample_rows, self.size))
+        return jax.lax.dynamic_update_slice(x, combine(old, update), start)
 
 
 def _add_rows(x: Array, tile: Array, size: int, update: Array) -> Array:
@@ -258,8 +283,8 @@ def _add_rows(x: Array, tile: Array, size: int, update: Array) -> Array:
 
 def _tile_grid(static: _Static, anchors: Array) -> tuple[_Tiles, Array, Array, tuple[Array, Array]]:
     """The tiles, the (rows, columns) iotas of one tile and the upper pairs (I, J), I < J."""
-    rows = anchors.reshape(-1, anchors.shape[2])
-    grid = _Tiles(rows, rows.T, static.tile, static.num_samples)
+    rows = anchors.reshape(-1, static.tile, anchors.shape[2])
+    grid = _Tiles(rows, jnp.transpose(rows, (0, 2, 1)), static.tile, static.num_samples)
     iota_r = jax.lax.broadcasted_iota(jnp.int32, (grid.size, grid.size), 0)
     iota_c = jax.lax.broadcasted_iota(jnp.int32, (grid.size, grid.size), 1)
     pairs = tuple(jnp.asarray(tiles, jnp.int32) for tiles in np.triu_indices(grid.count, k=1))
@@ -274,13 +299,13 @@ def _symmetric_forward(static: _Static, anchors, temperature, drop, own):
     grid, iota_r, iota_c, pairs = _tile_grid(static, anchors)
     zero = _zero_like(anchors, temperature)
     shift = 1.0 / temperature
-    total = jnp.zeros((grid.rows.shape[0],), jnp.float32) + zero  # the tiles' terms, shifted by 1 / t
+    total = jnp.zeros((grid.count * grid.size,), jnp.float32) + zero  # the tiles' terms, shifted by 1 / t
     combine = jnp.maximum if static.aggregation == "max" else jnp.add
 
     def diagonal_body(carry, tile):
         total, scores = carry
         s = grid.similarities(tile, tile)
-        left_out = iota_r == iota_c  # a tile lies in one view: the row's own column here is its self column
+        left_out = grid.own_columns(iota_r, iota_c, tile, tile)
         if drop is not None:
             left_out |= grid.block(drop, tile, tile)
         e = jnp.exp(jnp.where(left_out, -jnp.inf, s / temperature) - shift)
@@ -293,7 +318,7 @@ def _symmetric_forward(static: _Static, anchors, temperature, drop, own):
         total, scores = carry
         tile_i, tile_j = x
         s = grid.similarities(tile_i, tile_j)
-        own_column = iota_r + grid.sample_start(tile_i) == iota_c + grid.sample_start(tile_j)
+        own_column = grid.own_columns(iota_r, iota_c, tile_i, tile_j)
         e = jnp.exp(jnp.where(own_column, -jnp.inf, s / temperature) - shift)
         e_rows = e_columns = e
         if drop is not None:
@@ -309,7 +334,7 @@ def _symmetric_forward(static: _Static, anchors, temperature, drop, own):
     scores = None
     if static.aggregation is not None:
         start = -jnp.inf if static.aggregation == "max" else 0.0
-        scores = jnp.full((static.num_samples, grid.rows.shape[0]), start, jnp.float32) + zero
+        scores = jnp.full((static.num_samples, grid.count * grid.size), start, jnp.float32) + zero
     # The stored tiles are the scans' outputs (written in place, no zero-filled buffer).
     carry, diagonal_tiles = jax.lax.scan(diagonal_body, (total, scores), jnp.arange(grid.count))
     (total, scores), pair_tiles = jax.lax.scan(pair_body, carry, pairs)
@@ -343,7 +368,7 @@ def _symmetric_backward(static: _Static, residuals, g):
     def diagonal_body(carry, x):
         tile, stored = x
         s = similarities(tile, tile, stored)
-        left_out = iota_r == iota_c  # the self column; the positives (other tiles) are in D
+        left_out = iota_r == iota_c  # the self column; the positives are in D
         if drop is not None:
             left_out |= grid.block(drop, tile, tile)
         weight_i = _tile_slice(weight, tile, grid.size, 0)[:, None]
@@ -362,7 +387,7 @@ def _symmetric_backward(static: _Static, residuals, g):
             ds += jnp.where(grid.block(drop, tile_j, tile_i).T, 0.0, e) * weight_j
         return accumulate(carry, tile_i, tile_j, ds), None
 
-    num_rows, dim = grid.rows.shape
+    num_rows, dim = grid.count * grid.size, anchors.shape[2]
     d_columns_t = jnp.zeros((grid.count, dim, grid.size), jnp.float32) + zero  # (T, d, Tt): plain dots
     carry = (jnp.zeros((num_rows, dim), jnp.float32) + zero, d_columns_t)
     diagonal_tiles, pair_tiles = (None, None) if tiles is None else tiles
@@ -411,7 +436,7 @@ _denominator.defvjp(_denominator_fwd, _denominator_bwd)
 def symmetric_share(num_anchor_views: int, num_samples: int) -> float:
     """The share of each (M, M) matmul pass the symmetric path computes, (T + 1) / 2T for T tiles of the
     M = Va * N rows (1.0 where the tiles would be too narrow and the general path runs)."""
-    tile = _square_tile(num_samples)
+    tile = _square_tile(num_anchor_views, num_samples)
     if tile < min(_MIN_TILE, num_samples):
         return 1.0
     count = num_anchor_views * num_samples // tile
@@ -461,8 +486,9 @@ def denominator_lse(
         and 2.0 / temperature + math.log(num_columns) < _MAX_LOG_TERM
     )
     own = jax.lax.stop_gradient(own)
-    if candidates is None and fixed_shift and _square_tile(num_samples) >= min(_MIN_TILE, num_samples):
-        static = _Static(num_samples, _square_tile(num_samples), aggregation, True, False, store_blocks, True)
+    tile = _square_tile(anchors.shape[0], num_samples)
+    if candidates is None and fixed_shift and tile >= min(_MIN_TILE, num_samples):
+        static = _Static(num_samples, tile, aggregation, True, False, store_blocks, True)
         return _symmetric_denominator(static, anchors, jnp.asarray(temperature, jnp.float32), drop, own)
     if candidates is None:
         candidates = anchors.reshape(num_columns, anchors.shape[2])

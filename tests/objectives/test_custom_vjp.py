@@ -128,11 +128,12 @@ def test_several_tiles_per_view(mode, traced):
 
 @pytest.mark.parametrize("low_memory", [True, False])
 @pytest.mark.parametrize("fn_name", list(FNS))
-@pytest.mark.parametrize("v,b", [(3, 12), (2, 8)])  # tiles of 4: T = 9 (odd) and T = 4 (even), 3 and 2 per view
+# Tiles of 4: 3 and 2 per view (T = 9, odd; T = 4, even), and 2 views per tile (T = 2; T = 3).
+@pytest.mark.parametrize("v,b", [(3, 12), (2, 8), (4, 2), (6, 2)])
 def test_symmetric_path_equals_autodiff_with_many_tiles(v, b, fn_name, low_memory, monkeypatch):
     # One device, static temperature: the symmetric path (each pair of tiles once). Tiny tiles put several
-    # sample blocks in each view, so pairs of tiles in the same view, in different views, and the mirrored
-    # score and drop blocks are all exercised.
+    # sample blocks in each view (or several views in a tile), so pairs of tiles in the same view, in
+    # different views, and the mirrored score and drop blocks are all exercised.
     from fnc_jax.objectives import denominator
 
     monkeypatch.setattr(denominator, "_SQUARE_TILE_ELEMENTS", 16)
