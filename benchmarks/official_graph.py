@@ -44,7 +44,9 @@ Fields of each entry of `shapes`:
   known rate.
 - `bound_4pass_ms`: 4 * 2*(V*N)**2*d FLOPs (four passes over the (V*N) x (V*N) similarity matrix: the
   default path's forward and recompute, two gradient products) at the median matmul rate;
-  `official_over_bound` and `ours_over_bound` (per path): each side's `median_ms` over it.
+  `official_over_bound` and `ours_over_bound` (per path): each side's `median_ms` over it;
+  `official_over_bound_paired` / `ours_over_bound_paired`: the median over calls of each call's time over
+  the bound at the rate sampled just before it (robust to the machine's drift within a run).
 """
 
 from __future__ import annotations
@@ -264,7 +266,15 @@ def compare_shape(official_dir: str, global_batch: int, views: int, repeats: int
         g_ours = {path: g_ours_all[path] for path in PATHS}
     rates = {side: [x for res in results[side] for x in res["rates"]] for side in results}
     rate = statistics.median(rates["official"] + rates["ours"])
-    bound_ms = BOUND_PASSES * 2 * (views * global_batch) ** 2 * DIM / (rate * 1e9) * 1e3
+    bound_flops = BOUND_PASSES * 2 * (views * global_batch) ** 2 * DIM
+    bound_ms = bound_flops / (rate * 1e9) * 1e3
+
+    def paired(side: str, name: str) -> float:
+        """Median over calls of time / the bound at the rate sampled just before the call (drift-proof)."""
+        return statistics.median(
+            t / (bound_flops / (r * 1e9)) for res in results[side] for t, r in zip(res["times_s"][name], res["rates"])
+        )
+
     entry = {
         "global_batch_N": global_batch,
         "views_V": views,
@@ -282,6 +292,8 @@ def compare_shape(official_dir: str, global_batch: int, views: int, repeats: int
         "bound_4pass_ms": bound_ms,
         "official_over_bound": official["median_ms"] / bound_ms,
         "ours_over_bound": {path: ours[path]["median_ms"] / bound_ms for path in PATHS},
+        "official_over_bound_paired": paired("official", "official"),
+        "ours_over_bound_paired": {path: paired("ours", path) for path in PATHS},
     }
     log(
         f"N={global_batch} V={views}: official {official['median_ms']:.1f} ms (best {official['best_ms']:.1f}), "

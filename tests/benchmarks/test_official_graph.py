@@ -80,7 +80,8 @@ def test_against_stand_in(tmp_path):
         assert row["loss_abs_diff"][path] < 1e-5, row["loss_abs_diff"]
         assert row["grad_max_abs_diff"][path] < 1e-5, row["grad_max_abs_diff"]
     assert row["grad_max_abs"] > 0
-    assert row["bound_4pass_ms"] > 0 and row["official_over_bound"] > 0
+    assert row["bound_4pass_ms"] > 0 and row["official_over_bound"] > 0 and row["official_over_bound_paired"] > 0
+    assert all(row["ours_over_bound_paired"][path] > 0 for path in ("default", "fast"))
     assert row["matmul_rate_median_gflops_per_s"] > 0
     assert all(len(row["matmul_rates_gflops_per_s"][s]) == 4 for s in ("official", "ours"))  # 2 rounds x 2 repeats
 
