@@ -428,8 +428,9 @@ def _bound_row(entry: dict[str, Any], global_batch: int, views: int) -> dict[str
 
 def _paired_calls(prepared, repeats: int, rates: list[dict[str, Any]]) -> tuple[list[list[float]], ...]:
     """Per prepared (entry, run, ...): `repeats` call times (s), their ratios to the bound and to the call's
-    own matmul FLOPs (`matmul_flops`) at the matmul rate sampled just before each round (appended to `rates`). Each timed call follows an untimed one:
-    right after numpy's matmul a call is 30-50% slower (its threads)."""
+    own matmul FLOPs (`matmul_flops`) at the matmul rate sampled just before each round (appended to
+    `rates`). Each timed call follows an untimed one: right after numpy's matmul a call is slower (its
+    threads)."""
     from benchmarks.common import matmul_rate
 
     times: list[list[float]] = [[] for _ in prepared]

@@ -293,8 +293,10 @@ def _tile_grid(static: _Static, anchors: Array) -> tuple[_Tiles, Array, Array, t
 
 def _symmetric_forward(static: _Static, anchors, temperature, drop, own):
     """(lse (Va, N), scores (N, M) or None, tiles or None): the T diagonal tiles, then the P = T (T - 1) / 2
-    pairs I < J (stored: their (T, Tt, Tt) and (P, Tt, Tt) similarities). One shift for every row, 1 / t, bounds every logit (unit-norm rows), so
-    a tile's exponentials serve its rows' sums and, mirrored, its columns' sums."""
+    pairs I < J (stored: their (T, Tt, Tt) and (P, Tt, Tt) similarities). One shift for every row, 1 / t,
+    bounds every logit (unit-norm rows), so a tile's exponentials serve its rows' sums and, mirrored, its
+    columns' sums. The mirrored tile's scores are written transposed in the loop: XLA:CPU's transposes are
+    cheapest there (a (Tt, Tt) tile in cache; a second (M, N) buffer transposed at the end costs more)."""
     num_views = anchors.shape[0]
     grid, iota_r, iota_c, pairs = _tile_grid(static, anchors)
     zero = _zero_like(anchors, temperature)
