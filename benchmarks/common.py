@@ -140,6 +140,20 @@ def matmul_rate(size: int = 2048, repeats: int = 5) -> dict[str, Any]:
     }
 
 
+# A rate sample's numpy product (48 MiB of operands) evicts a timed function's working set from the caches:
+# the first calls after it are slower (1.5x for a 25 ms FNC loss call, 4% at 430 ms), so a timing paired with
+# a sample warms up first.
+WARM_CALLS = 2
+TIMED_CALLS = 3
+
+
+def warm_median(run: Callable[[], float]) -> float:
+    """Median of TIMED_CALLS calls of `run` (which returns its own time) after WARM_CALLS untimed ones."""
+    for _ in range(WARM_CALLS):
+        run()
+    return statistics.median(run() for _ in range(TIMED_CALLS))
+
+
 def speed_calibration(before: dict[str, Any]) -> dict[str, Any]:
     """The JSON record of the machine's speed: `before` (a `matmul_rate()` taken at the start) and one now."""
     return {"matmul_before": before, "matmul_after": matmul_rate()}

@@ -10,7 +10,8 @@ Prints ONE JSON object to stdout (progress goes to stderr). Sections:
   devices, which slow a one-device computation by about 20%), the official default's loss +
   gradient for both `low_memory` values against its matmul-bound time: `bound_passes` (4 for the default,
   3 for the fast path) times one pass's FLOPs (2*V*B*C*d) at the machine's float32 matmul rate
-  (`benchmarks.common.matmul_rate()`, sampled before every round of calls in the same run, each call
+  (`benchmarks.common.matmul_rate()`, sampled before every round of calls in the same run, each round's
+  time, the median of 3 calls after 2 untimed ones because the sample's numpy product evicts the caches,
   paired with the sample before it); `over_bound` is the median of the paired ratios (`over_bound_best`
   the smallest), next to the achieved GFLOP/s and the compiled peak temporary memory.
   `--matmul-bound-only` runs only this section.
@@ -429,9 +430,9 @@ def _bound_row(entry: dict[str, Any], global_batch: int, views: int) -> dict[str
 def _paired_calls(prepared, repeats: int, rates: list[dict[str, Any]]) -> tuple[list[list[float]], ...]:
     """Per prepared (entry, run, ...): `repeats` call times (s), their ratios to the bound and to the call's
     own matmul FLOPs (`matmul_flops`) at the matmul rate sampled just before each round (appended to
-    `rates`). Each timed call follows an untimed one: right after numpy's matmul a call is slower (its
-    threads)."""
-    from benchmarks.common import matmul_rate
+    `rates`). A round's time of a configuration is the median of `TIMED_CALLS` calls after `WARM_CALLS`
+    untimed ones (`warm_median`)."""
+    from benchmarks.common import matmul_rate, warm_median
 
     times: list[list[float]] = [[] for _ in prepared]
     ratios: list[list[float]] = [[] for _ in prepared]
@@ -441,8 +442,7 @@ def _paired_calls(prepared, repeats: int, rates: list[dict[str, Any]]) -> tuple[
         rate = rates[-1]["matmul_gflops_per_s"] * 1e9
         for i, (entry, run, *_) in enumerate(prepared):
             if run is not None:
-                run()
-                times[i].append(run())
+                times[i].append(warm_median(run))
                 ratios[i].append(times[i][-1] / (BOUND_PASSES[entry["low_memory"]] * entry["flops_per_pass"] / rate))
                 own[i].append(times[i][-1] / (entry["matmul_flops"] / rate))
     return times, ratios, own

@@ -25,9 +25,9 @@ rounds). The official worker builds the graph in `tensorflow.compat.v1` graph mo
 `grad = tf.gradients(loss, h)[0]`) and times `sess.run([loss, grad])`; the ours worker compiles both
 paths ahead (one CPU device, no simulated devices: those slow a one-device call by about 20%) and times
 the call with `block_until_ready`. Protocol of both: two warm-up calls, then `--repeats` rounds of: one
-matmul-rate sample (`benchmarks.common.matmul_rate(repeats=1)`), one untimed call (the first call after
-numpy's matmul is slowed by its threads), one timed call (in the ours worker the two paths take turns
-within a round).
+matmul-rate sample (`benchmarks.common.matmul_rate(repeats=1)`), then the median of 3 calls after 2 untimed
+ones (`benchmarks.common.warm_median`: the sample's product evicts the caches; in the ours worker the two
+paths take turns within a round).
 
 Fields of each entry of `shapes`:
 
@@ -109,9 +109,10 @@ def inputs(views: int, global_batch: int):
 
 
 def _timed_rounds(runs: dict[str, Any], repeats: int) -> tuple[dict[str, list[float]], list[float], dict[str, Any]]:
-    """Two warm-up calls of each run, then `repeats` rounds of: a matmul-rate sample, then per run one untimed
-    and one timed call. Returns (times in s per run, rate samples in GFLOP/s, last output per run)."""
-    from benchmarks.common import matmul_rate
+    """Two warm-up calls of each run, then `repeats` rounds of: a matmul-rate sample, then per run the median
+    of `TIMED_CALLS` calls after `WARM_CALLS` untimed ones (`benchmarks.common.warm_median`). Returns (times
+    in s per run, rate samples in GFLOP/s, last output per run)."""
+    from benchmarks.common import matmul_rate, warm_median
 
     outs = {}
     for name, run in runs.items():
@@ -119,13 +120,16 @@ def _timed_rounds(runs: dict[str, Any], repeats: int) -> tuple[dict[str, list[fl
         run()
     times: dict[str, list[float]] = {name: [] for name in runs}
     rates = []
+
+    def timed(name: str) -> float:
+        start = time.perf_counter()
+        outs[name] = runs[name]()
+        return time.perf_counter() - start
+
     for _ in range(repeats):
         rates.append(matmul_rate(repeats=1)["matmul_gflops_per_s"])
-        for name, run in runs.items():
-            run()
-            start = time.perf_counter()
-            outs[name] = run()
-            times[name].append(time.perf_counter() - start)
+        for name in runs:
+            times[name].append(warm_median(lambda name=name: timed(name)))
     return times, rates, outs
 
 
