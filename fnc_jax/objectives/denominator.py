@@ -54,7 +54,7 @@ _SQUARE_TILE_ELEMENTS = 1 << 18
 
 class _Static(NamedTuple):
     num_samples: int  # N: candidate column v * N + g is view v of global sample g
-    tile: int  # Cc, a divisor of N
+    tile: int  # Cc, a divisor of N; on the symmetric path Tt, a divisor or a multiple of N (_square_tile)
     aggregation: str | None  # None, "max" or "mean": also return the views' aggregated raw similarities
     grad_candidates: bool  # False: the candidates are constants (the memory queue)
     grad_temperature: bool  # the temperature is traced and needs its cotangent
