@@ -65,6 +65,8 @@ import sys
 import time
 from typing import Any
 
+from benchmarks.common import set_device_count
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AXIS = "data"
 
@@ -92,16 +94,6 @@ BOUND_SHAPES = [(256, 10), (512, 10), (1024, 10)]
 
 def log(*args: Any) -> None:
     print(*args, file=sys.stderr, flush=True)
-
-
-def set_device_count(count: int) -> None:
-    """Sets the simulated CPU device count in XLA_FLAGS (replacing any previous value); before importing jax."""
-    if "jax" in sys.modules:
-        raise RuntimeError("set_device_count must run before jax is imported.")
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -435,11 +435,17 @@ def _denominator_bwd(static, residuals, cotangents):
 _denominator.defvjp(_denominator_fwd, _denominator_bwd)
 
 
+def _symmetric_tile(num_anchor_views: int, num_samples: int) -> int | None:
+    """The symmetric path's square tile, or None where it would be too narrow (the general path runs)."""
+    tile = _square_tile(num_anchor_views, num_samples)
+    return tile if tile >= min(_MIN_TILE, num_samples) else None
+
+
 def symmetric_share(num_anchor_views: int, num_samples: int) -> float:
     """The share of each (M, M) matmul pass the symmetric path computes, (T + 1) / 2T for T tiles of the
-    M = Va * N rows (1.0 where the tiles would be too narrow and the general path runs)."""
-    tile = _square_tile(num_anchor_views, num_samples)
-    if tile < min(_MIN_TILE, num_samples):
+    M = Va * N rows (1.0 where the general path runs)."""
+    tile = _symmetric_tile(num_anchor_views, num_samples)
+    if tile is None:
         return 1.0
     count = num_anchor_views * num_samples // tile
     return (count + 1) / (2 * count)
@@ -488,8 +494,8 @@ def denominator_lse(
         and 2.0 / temperature + math.log(num_columns) < _MAX_LOG_TERM
     )
     own = jax.lax.stop_gradient(own)
-    tile = _square_tile(anchors.shape[0], num_samples)
-    if candidates is None and fixed_shift and tile >= min(_MIN_TILE, num_samples):
+    tile = _symmetric_tile(anchors.shape[0], num_samples) if candidates is None and fixed_shift else None
+    if tile is not None:
         static = _Static(num_samples, tile, aggregation, True, False, store_blocks, True)
         return _symmetric_denominator(static, anchors, jnp.asarray(temperature, jnp.float32), drop, own)
     if candidates is None:
