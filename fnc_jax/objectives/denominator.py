@@ -26,7 +26,9 @@ the (M, M) similarities (M = Va * N) are symmetric. Square (Tt, Tt) tiles: each 
 pair I < J is computed once; with one shift for all rows (1 / t, the largest possible logit of unit-norm
 rows) a pair's exponentials give its rows' sums and, summed over the other axis, the mirrored tile's
 rows' sums; the backward forms dS + dS^T of the pair in one tile, so 3 dots per pair serve both tiles.
-About (T + 1) / 2T of the 4 (or 3) passes: 0.525 at N = 1024, V = 10 with Tt = 512.
+About (T + 1) / 2T of the 4 (or 3) passes: 0.525 at N = 1024, V = 10 with Tt = 512. A pair's FN scores go
+to its rows' images directly and to its columns' images through an untransposed (M, N) buffer, merged at
+the end; stored tiles come from one batched product before the loops.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ _TILE_ELEMENTS = 1 << 19
 _MIN_TILE = 64
 # Square tiles of the symmetric path (Tt * Tt float32 elements): 1 MiB, 512 x 512.
 _SQUARE_TILE_ELEMENTS = 1 << 18
+# Padding of the rows of the mirrored scores (columns; _symmetric_forward).
+_MIRRORED_PAD = 16
 
 
 class _Static(NamedTuple):
@@ -251,6 +255,10 @@ class _Tiles(NamedTuple):
     def similarities(self, tile_i: Array, tile_j: Array) -> Array:
         return _similarities(self.z(tile_i), self.z(tile_j))
 
+    def batched(self, tiles_i, tiles_j) -> Array:
+        """(P, Tt, Tt) the similarities of the tiles tiles_i[p] against tiles_j[p], one batched product."""
+        return jnp.einsum("pid,pjd->pij", self.rows[tiles_i], self.rows[tiles_j], preferred_element_type=jnp.float32)
+
     def sample_start(self, tile: Array) -> Array:
         return (tile * self.size) % self.num_samples
 
@@ -276,6 +284,31 @@ class _Tiles(NamedTuple):
         old = jax.lax.dynamic_slice(x, start, (self.sample_rows, self.size))
         return jax.lax.dynamic_update_slice(x, combine(old, update), start)
 
+    def add_mirrored(self, x: Array, tile_i: Array, tile_j: Array, update: Array, combine) -> Array:
+        """x, an (M, N) array (a row per anchor row, a column per image), with the (Tt, Tt) update of the
+        rows of tile_i against the columns of tile_j combined over tile_j's views into its rows of tile_i
+        and its columns of tile_j's images: the mirrored tile's scores, kept untransposed."""
+        update = update.reshape(self.size, self.views_per_tile, self.sample_rows)
+        update = functools.reduce(combine, [update[:, v] for v in range(self.views_per_tile)])
+        start = (tile_i * self.size, self.sample_start(tile_j))
+        old = jax.lax.dynamic_slice(x, start, (self.size, self.sample_rows))
+        return jax.lax.dynamic_update_slice(x, combine(old, update), start)
+
+    def merge_mirrored(self, scores: Array, mirrored: Array, combine) -> Array:
+        """scores (N, M) combined with the transpose of mirrored (M, N), block by block: each (Tt, Tt)
+        block is transposed in cache, once (a whole-array transpose strides through memory)."""
+        sample_blocks = self.num_samples // self.sample_rows
+        tiles, samples = (jnp.asarray(a.reshape(-1), jnp.int32) for a in np.indices((self.count, sample_blocks)))
+
+        def body(scores, x):
+            tile, sample_block = x
+            start = (sample_block * self.sample_rows, tile * self.size)
+            block = jax.lax.dynamic_slice(scores, start, (self.sample_rows, self.size))
+            mirror = jax.lax.dynamic_slice(mirrored, start[::-1], (self.size, self.sample_rows))
+            return jax.lax.dynamic_update_slice(scores, combine(block, mirror.T), start), None
+
+        return jax.lax.scan(body, scores, (tiles, samples))[0]
+
 
 def _add_rows(x: Array, tile: Array, size: int, update: Array) -> Array:
     return jax.lax.dynamic_update_slice_in_dim(x, _tile_slice(x, tile, size, 0) + update, tile * size, 0)
@@ -295,8 +328,11 @@ def _symmetric_forward(static: _Static, anchors, temperature, drop, own):
     """(lse (Va, N), scores (N, M) or None, tiles or None): the T diagonal tiles, then the P = T (T - 1) / 2
     pairs I < J (stored: their (T, Tt, Tt) and (P, Tt, Tt) similarities). One shift for every row, 1 / t,
     bounds every logit (unit-norm rows), so a tile's exponentials serve its rows' sums and, mirrored, its
-    columns' sums. The mirrored tile's scores are written transposed in the loop: XLA:CPU's transposes are
-    cheapest there (a (Tt, Tt) tile in cache; a second (M, N) buffer transposed at the end costs more)."""
+    columns' sums. Scores: a pair's tile is combined into the (N, M) scores for its rows' images and,
+    untransposed, into an (M, N) buffer for its columns' images (the mirrored tile); the two are merged at
+    the end block by block, so each (Tt, Tt) block is transposed once, not once per pair. The buffer's
+    rows are padded by 16 columns: a row length of a power of two puts the rows of a block in the same
+    cache sets, which made the transposing reads 1.6x slower (XLA:CPU, N = 1024)."""
     num_views = anchors.shape[0]
     grid, iota_r, iota_c, pairs = _tile_grid(static, anchors)
     zero = _zero_like(anchors, temperature)
@@ -304,9 +340,10 @@ def _symmetric_forward(static: _Static, anchors, temperature, drop, own):
     total = jnp.zeros((grid.count * grid.size,), jnp.float32) + zero  # the tiles' terms, shifted by 1 / t
     combine = jnp.maximum if static.aggregation == "max" else jnp.add
 
-    def diagonal_body(carry, tile):
+    def diagonal_body(carry, x):
         total, scores = carry
-        s = grid.similarities(tile, tile)
+        tile, stored = x
+        s = grid.similarities(tile, tile) if stored is None else stored
         left_out = grid.own_columns(iota_r, iota_c, tile, tile)
         if drop is not None:
             left_out |= grid.block(drop, tile, tile)
@@ -314,12 +351,12 @@ def _symmetric_forward(static: _Static, anchors, temperature, drop, own):
         total = _add_rows(total, tile, grid.size, jnp.sum(e, axis=1))
         if scores is not None:
             scores = grid.add_block(scores, tile, tile, s, combine)
-        return (total, scores), s if static.store_blocks else None
+        return (total, scores), None
 
     def pair_body(carry, x):
-        total, scores = carry
-        tile_i, tile_j = x
-        s = grid.similarities(tile_i, tile_j)
+        total, scores, mirrored = carry
+        (tile_i, tile_j), stored = x
+        s = grid.similarities(tile_i, tile_j) if stored is None else stored
         own_column = grid.own_columns(iota_r, iota_c, tile_i, tile_j)
         e = jnp.exp(jnp.where(own_column, -jnp.inf, s / temperature) - shift)
         e_rows = e_columns = e
@@ -330,24 +367,31 @@ def _symmetric_forward(static: _Static, anchors, temperature, drop, own):
         total = _add_rows(total, tile_j, grid.size, jnp.sum(e_columns, axis=0))
         if scores is not None:
             scores = grid.add_block(scores, tile_i, tile_j, s, combine)
-            scores = grid.add_block(scores, tile_j, tile_i, s.T, combine)
-        return (total, scores), s if static.store_blocks else None
+            mirrored = grid.add_mirrored(mirrored, tile_i, tile_j, s, combine)
+        return (total, scores, mirrored), None
 
-    scores = None
+    scores = mirrored = None
     if static.aggregation is not None:
         start = -jnp.inf if static.aggregation == "max" else 0.0
         scores = jnp.full((static.num_samples, grid.count * grid.size), start, jnp.float32) + zero
-    # The stored tiles are the scans' outputs (written in place, no zero-filled buffer).
-    carry, diagonal_tiles = jax.lax.scan(diagonal_body, (total, scores), jnp.arange(grid.count))
-    (total, scores), pair_tiles = jax.lax.scan(pair_body, carry, pairs)
-    tiles = (diagonal_tiles, pair_tiles) if static.store_blocks else None
+        mirrored = jnp.full((grid.count * grid.size, static.num_samples + _MIRRORED_PAD), start, jnp.float32) + zero
+    # Stored tiles come from batched products before the loops: a scan's stacked outputs would be
+    # zero-filled first on XLA:CPU, then written tile by tile (two extra passes over them).
+    stored = (None, None)
+    if static.store_blocks:
+        diagonal = np.arange(grid.count)
+        stored = (grid.batched(diagonal, diagonal), grid.batched(*pairs))
+    carry, _ = jax.lax.scan(diagonal_body, (total, scores), (jnp.arange(grid.count), stored[0]))
+    (total, scores, mirrored), _ = jax.lax.scan(pair_body, (*carry, mirrored), (pairs, stored[1]))
+    if scores is not None:
+        scores = grid.merge_mirrored(scores, mirrored, combine)
     # The positives keep their own shift, so a row with nothing else in D has lse = its positives' exactly.
     positive_shift, positives = _positive_sums(own, temperature)
     tiles_total = total.reshape(num_views, static.num_samples) * jnp.exp(shift - positive_shift)
     lse = positive_shift + jnp.log(positives + tiles_total)
     if scores is not None:
         scores = jax.lax.stop_gradient(scores if static.aggregation == "max" else scores / num_views)
-    return lse, scores, tiles
+    return lse, scores, stored if static.store_blocks else None
 
 
 def _symmetric_backward(static: _Static, residuals, g):

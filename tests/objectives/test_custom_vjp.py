@@ -165,3 +165,31 @@ def test_symmetric_path_is_only_taken_where_it_applies(monkeypatch):
     ema = l2_normalize(h)
     fnc_memory_loss(h, ema, ema.reshape(24, -1), temperature=0.2)  # the queue is not the anchors
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("aggregation", ["max", "mean"])
+@pytest.mark.parametrize("v,b", [(3, 12), (2, 8), (4, 2), (6, 2)])
+def test_symmetric_path_scores_equal_the_dense_aggregation(v, b, aggregation, monkeypatch):
+    # The scores of the symmetric path combine the pairs' direct blocks with their mirrored ones (kept
+    # untransposed, merged block by block at the end): every (anchor view, column) entry exactly once.
+    from fnc_jax.objectives import denominator
+
+    monkeypatch.setattr(denominator, "_SQUARE_TILE_ELEMENTS", 16)
+    monkeypatch.setattr(denominator, "_MIN_TILE", 4)
+    z = l2_normalize(clustered(v * 10 + b, v, b))
+    own = jnp.einsum("abd,vbd->abv", z, z)
+    for store_blocks in (False, True):
+        _, scores = denominator.denominator_lse(
+            z,
+            None,
+            0.2,
+            own,
+            num_samples=b,
+            global_ids=jnp.arange(b),
+            aggregation=aggregation,
+            store_blocks=store_blocks,
+            unit_norm=True,
+        )
+        dense = jnp.einsum("abd,cd->abc", z, z.reshape(v * b, -1))
+        expected = jnp.max(dense, axis=0) if aggregation == "max" else jnp.mean(dense, axis=0)
+        np.testing.assert_allclose(scores, expected, atol=1e-6)
