@@ -102,17 +102,46 @@ def machine() -> dict[str, Any]:
     model_name = _cpu_model_name()
     if model_name:
         info["cpu_model"] = model_name
+    info["allocator"] = allocator()
+    info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     if "jax" in sys.modules:
         import jax
 
         devices = jax.devices()
         info.update(
             jax_version=jax.__version__,
+            jaxlib_version=getattr(sys.modules.get("jaxlib"), "__version__", None),
             backend=jax.default_backend(),
             device_kind=devices[0].device_kind,
             num_devices_in_process=len(devices),
         )
     return info
+
+
+# Where Debian / Ubuntu (libtcmalloc-minimal4, libgoogle-perftools4) put tcmalloc.
+_TCMALLOC_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
+    "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib/aarch64-linux-gnu/libtcmalloc.so.4",
+)
+
+
+def allocator() -> str:
+    """The malloc this process runs on: "tcmalloc" or "jemalloc" when one is loaded (LD_PRELOAD), else
+    "glibc". It matters on CPU: XLA:CPU allocates each call's temporaries afresh, and glibc hands blocks
+    over 32 MiB back to the OS on free, so every call page-faults and zeroes them again."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return "unknown"
+    return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in maps), "glibc")
+
+
+def tcmalloc_library() -> str | None:
+    """A tcmalloc shared library on this machine (to LD_PRELOAD into a subprocess), or None."""
+    return next((path for path in _TCMALLOC_CANDIDATES if os.path.exists(path)), None)
 
 
 def matmul_rate(size: int = 2048, repeats: int = 5) -> dict[str, Any]:

@@ -53,11 +53,9 @@ compiled per-device bytes times the device count exceed `--max-run-bytes` (defau
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -65,7 +63,8 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.common import set_device_count
+from benchmarks.common import allocator, set_device_count, tcmalloc_library
+from benchmarks.common import machine as common_machine
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AXIS = "data"
@@ -892,10 +891,12 @@ def memory_points_subprocess(spec: dict[str, Any], timeout: float) -> list[dict[
     return subprocess_json(["--memory-worker", json.dumps(spec)], timeout)
 
 
-def subprocess_json(flags: list[str], timeout: float = 1800) -> Any:
-    """The JSON this benchmark prints with `flags`, from a process of its own (its own device count)."""
+def subprocess_json(flags: list[str], timeout: float = 1800, preload: str | None = None) -> Any:
+    """The JSON this benchmark prints with `flags`, from a process of its own (its own device count; with
+    `preload`, that library LD_PRELOADed: another malloc)."""
     cmd = [sys.executable, "-m", "benchmarks.objective", *flags]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=timeout)
+    env = dict(os.environ) | ({"LD_PRELOAD": preload} if preload else {})
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     sys.stderr.write(proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmarks.objective {flags[0]} failed (rc {proc.returncode})")
@@ -1002,24 +1003,6 @@ def plans(quick: bool, devices: int) -> dict[str, Any]:
     }
 
 
-def machine() -> dict[str, Any]:
-    import jax
-
-    return {
-        "processor": platform.processor() or platform.machine(),
-        "machine": platform.machine(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "jax_version": jax.__version__,
-        "jaxlib_version": getattr(__import__("jaxlib"), "__version__", None),
-        "backend": jax.default_backend(),
-        "num_devices_in_process": jax.device_count(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, one official-scale compile (< 1 min)")
@@ -1067,7 +1050,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "benchmark": "fnc_jax.objectives loss + gradient (jax.value_and_grad w.r.t. the online embeddings)",
         "quick": args.quick,
-        "machine": machine(),
+        "machine": common_machine(),
         "units": {"time": "seconds", "memory": "bytes (per device) unless the key says MiB", "flops": "FLOP"},
         "notes": [
             "Times: median of `repeats` calls after compile and one warm-up call, block_until_ready; the repeats of "
@@ -1094,7 +1077,14 @@ def main(argv: list[str] | None = None) -> int:
         result["matmul_bound"] = matmul_bound(plan["bound_shapes"], dim, plan["repeats"], args.max_run_bytes)
         return _finish(result, start, args.output)
     log("against the matmul-bound time (a subprocess with one device)")
-    result["matmul_bound"] = subprocess_json(["--matmul-bound-only"] + ["--quick"] * args.quick)["matmul_bound"]
+    bound_flags = ["--matmul-bound-only"] + ["--quick"] * args.quick
+    result["matmul_bound"] = subprocess_json(bound_flags)["matmul_bound"]
+    result["matmul_bound"]["allocator"] = allocator()
+    tcmalloc = tcmalloc_library()
+    if tcmalloc and allocator() != "tcmalloc":  # side by side: the same section on tcmalloc
+        log(f"against the matmul-bound time, on tcmalloc ({tcmalloc})")
+        result["matmul_bound_tcmalloc"] = subprocess_json(bound_flags, preload=tcmalloc)["matmul_bound"]
+        result["matmul_bound_tcmalloc"]["allocator"] = "tcmalloc"
     log(f"timing ({len(plan['timing'])} configurations, {plan['repeats']} interleaved repeats)")
     groups: dict[tuple, list] = {}
     for config in plan["timing"]:  # side by side per (variant, devices, N)

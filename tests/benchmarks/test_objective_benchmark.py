@@ -2,11 +2,14 @@
 
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+
+from benchmarks.common import tcmalloc_library
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODES = {"attraction", "elimination", "none", "dcl", "dcl_elimination", "hcl", "hcl_elimination"}
@@ -117,6 +120,28 @@ def test_quick_benchmark_against_the_matmul_bound(quick_result):
         assert len(r["over_bound_per_call"]) == quick_result["timing"]["repeats"]
         assert 0 < r["over_bound_best"] <= r["over_bound"] and math.isfinite(r["over_bound"])
         assert r["achieved_gflops_per_s"] > 0 and r["temp_mib"] > 0
+    assert bound["allocator"] == quick_result["machine"]["allocator"]
+    if quick_result["machine"]["allocator"] != "tcmalloc" and tcmalloc_library():  # side by side on tcmalloc
+        on_tcmalloc = quick_result["matmul_bound_tcmalloc"]
+        assert on_tcmalloc["allocator"] == "tcmalloc"
+        assert [(r["global_batch_N"], r["low_memory"]) for r in on_tcmalloc["rows"]] == [
+            (r["global_batch_N"], r["low_memory"]) for r in rows
+        ]
+
+
+def _allocator_in_subprocess(preload: str | None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | ({"LD_PRELOAD": preload} if preload else {})
+    code = "from benchmarks.common import allocator; print(allocator())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip()
+
+
+def test_allocator_names_the_malloc_in_use():
+    assert _allocator_in_subprocess(None) == "glibc"
+    if tcmalloc_library() is None:
+        pytest.skip("no tcmalloc library on this machine (apt install libtcmalloc-minimal4)")
+    assert _allocator_in_subprocess(tcmalloc_library()) == "tcmalloc"
 
 
 def test_breakdown_quick():
