@@ -489,6 +489,7 @@ def matmul_bound(shapes, dim: int, repeats: int, max_run_bytes: float) -> dict[s
         "passes in the fastest call; over_own_matmuls = the same against the call's own matmul_flops (the "
         "symmetric path computes matmul_share of each pass); one device, FNConfig() (official default)",
         "matmul_rate": rates,
+        "allocator": allocator(),  # the measuring process's malloc (benchmarks.common.allocator)
         "rows": rows,
     }
 
@@ -1079,12 +1080,10 @@ def main(argv: list[str] | None = None) -> int:
     log("against the matmul-bound time (a subprocess with one device)")
     bound_flags = ["--matmul-bound-only"] + ["--quick"] * args.quick
     result["matmul_bound"] = subprocess_json(bound_flags)["matmul_bound"]
-    result["matmul_bound"]["allocator"] = allocator()
     tcmalloc = tcmalloc_library()
-    if tcmalloc and allocator() != "tcmalloc":  # side by side: the same section on tcmalloc
+    if tcmalloc and result["matmul_bound"]["allocator"] != "tcmalloc":  # side by side: the same on tcmalloc
         log(f"against the matmul-bound time, on tcmalloc ({tcmalloc})")
         result["matmul_bound_tcmalloc"] = subprocess_json(bound_flags, preload=tcmalloc)["matmul_bound"]
-        result["matmul_bound_tcmalloc"]["allocator"] = "tcmalloc"
     log(f"timing ({len(plan['timing'])} configurations, {plan['repeats']} interleaved repeats)")
     groups: dict[tuple, list] = {}
     for config in plan["timing"]:  # side by side per (variant, devices, N)
